@@ -1,0 +1,16 @@
+"""zerocore: ZeRO (Zero Redundancy Optimizer) stages 1-3 for PyTorch, with CPU and NVMe offload.
+
+Importing zerocore compiles nothing: op libraries are built on first use (see `zerocore.ops`).
+"""
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy so `import zerocore` stays cheap and works before the engine's dependencies are needed.
+    if name == "ZeroOptimizer":
+        from .zero import ZeroOptimizer
+        return ZeroOptimizer
+    raise AttributeError(f"module 'zerocore' has no attribute {name!r}")
+
+
+__all__ = ["ZeroOptimizer", "__version__"]

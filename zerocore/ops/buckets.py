@@ -1,0 +1,59 @@
+"""Python face of the multi-tensor bucket ops (`torch.ops.zerocore.pack` / `unpack`).
+
+The CPU library (`buckets`) defines the ops and their CPU kernels (vectorised, multi-core); the CUDA library
+(`cuda_buckets`) adds one-launch CUDA kernels under the same names.
+
+Schemas (defined in csrc/buckets/pack_op.cpp):
+    pack(Tensor[] srcs, Tensor(a!) dst, int[] offsets, float scale, bool accumulate) -> ()
+        for each i: dst[offsets[i] : offsets[i] + srcs[i].numel()] (=|+=) cast(srcs[i].flatten() * scale)
+    unpack(Tensor src, Tensor(a!)[] dsts, int[] offsets, float scale) -> ()
+        for each i: dsts[i].view(-1)[:] = cast(src[offsets[i] : offsets[i] + dsts[i].numel()] * scale)
+dst/src are contiguous 1-D; srcs/dsts contiguous, any of fp32 / bf16 / fp16 (casts in any direction, the
+product taken in fp32, bf16 rounded to nearest even); ranges must lie inside the flat tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .builder import load
+
+
+def _ensure_loaded(device: torch.device) -> None:
+    load("cuda_buckets" if device.type == "cuda" else "buckets")
+
+
+def contiguous_offsets(tensors: Sequence[torch.Tensor]) -> list:
+    offsets, at = [], 0
+    for t in tensors:
+        offsets.append(at)
+        at += t.numel()
+    return offsets
+
+
+def pack(srcs: Sequence[torch.Tensor], dst: torch.Tensor, offsets: Optional[Sequence[int]] = None,
+         scale: float = 1.0, accumulate: bool = False) -> torch.Tensor:
+    """Copy (or add, with accumulate) many tensors into one flat tensor, casting and scaling; returns dst.
+
+    >>> import torch, zerocore.ops.buckets as B
+    >>> a, b = torch.randn(3), torch.randn(2, 2)
+    >>> flat = B.pack([a, b], torch.empty(7, dtype=torch.bfloat16), scale=0.5)   # doctest: +SKIP
+    """
+    _ensure_loaded(dst.device)
+    offsets = contiguous_offsets(srcs) if offsets is None else list(offsets)
+    torch.ops.zerocore.pack(list(srcs), dst, offsets, float(scale), bool(accumulate))
+    return dst
+
+
+def unpack(src: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Optional[Sequence[int]] = None,
+           scale: float = 1.0) -> None:
+    """Copy slices of one flat tensor out into many tensors, casting and scaling.
+
+    >>> import torch, zerocore.ops.buckets as B
+    >>> a, b = torch.empty(3), torch.empty(2, 2)
+    >>> B.unpack(torch.randn(7), [a, b])   # doctest: +SKIP
+    """
+    _ensure_loaded(src.device)
+    offsets = contiguous_offsets(dsts) if offsets is None else list(offsets)
+    torch.ops.zerocore.unpack(src, list(dsts), offsets, float(scale))
