@@ -10,6 +10,13 @@ Schemas (defined in csrc/buckets/pack_op.cpp):
         for each i: dsts[i].view(-1)[:] = cast(src[offsets[i] : offsets[i] + dsts[i].numel()] * scale)
 dst/src are contiguous 1-D; srcs/dsts contiguous, any of fp32 / bf16 / fp16 (casts in any direction, the
 product taken in fp32, bf16 rounded to nearest even); ranges must lie inside the flat tensor.
+
+Exactly: pack writes `(srcs[i].float() * scale).to(dst.dtype)`, or with accumulate
+`(dst_slice.float() + srcs[i].float() * scale).to(dst.dtype)` (one rounding to dst's dtype, no FMA), bit for bit
+what these torch expressions give, on CPU and CUDA. The tensors of one call are processed in parallel, so pack's
+destination ranges must not overlap, unpack's dsts must not share memory, and a list member may share memory with
+the flat tensor only as its own slot (same address and dtype: an in-place scale). Bad input raises RuntimeError
+naming the tensor and the fix. CPU: split over torch.get_num_threads() threads, SIMD level per ZEROCORE_SIMD.
 """
 from __future__ import annotations
 
