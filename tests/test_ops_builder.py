@@ -129,6 +129,22 @@ def test_matching_prebuilt_is_loaded_and_stale_one_is_not(tiny_tree):
     assert run_loader(1)[0]["origin"] == "cache"
 
 
+def test_old_builds_are_pruned_newest_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEROCORE_EXTENSIONS_DIR", str(tmp_path))
+    root = tmp_path / "zerocore"
+    for i in range(5):  # finished builds, oldest first
+        d = root / f"buckets-{i:016x}"
+        d.mkdir(parents=True)
+        (d / "zerocore_build.json").write_text("{}")
+        os.utime(d / "zerocore_build.json", (1000 + i, 1000 + i))
+    (root / "buckets-unfinished").mkdir()  # a build in progress has no marker
+    (root / "cpu_adam-0000000000000000").mkdir()  # another op's build
+    builder._prune_old_builds(SPECS["buckets"], keep=3)
+    left = sorted(d.name for d in root.iterdir())
+    assert left == ["buckets-0000000000000002", "buckets-0000000000000003", "buckets-0000000000000004",
+                    "buckets-unfinished", "cpu_adam-0000000000000000"], left
+
+
 def test_missing_compiler_is_named(tiny_tree, monkeypatch):
     monkeypatch.setenv("CXX", str(tiny_tree / "no-such-compiler"))
     with pytest.raises(ops.OpBuildError, match=r"no C\+\+ compiler found.*apt-get install g\+\+"):

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -36,6 +37,7 @@ from .toolchain import OpBuildError
 
 _MARKER = "zerocore_build.json"
 _KEY_VERSION = 1  # bump when the meaning of the key changes
+_KEEP_BUILDS = 3  # finished builds kept per op in the cache
 _loaded: Dict[str, object] = {}
 _load_seconds: Dict[str, float] = {}
 _load_origin: Dict[str, str] = {}
@@ -262,7 +264,18 @@ def _build_locked(s: OpSpec, verbose: bool, force: bool) -> Tuple[Path, bool]:
         if not force and _read_marker(build_dir) is not None:
             return build_dir, False
         _write_marker(build_dir, _compile(s, build_dir, verbose))
+    _prune_old_builds(s, keep=_KEEP_BUILDS)
     return build_dir, True
+
+
+def _prune_old_builds(s: OpSpec, keep: int) -> None:
+    """Each source edit or torch upgrade leaves a build behind; keep the `keep` newest finished builds of this
+    op. A library already loaded by a running process stays mapped after its files go, and a build still in
+    progress has no marker yet, so it is never a candidate."""
+    finished = [d for d in cache_root().glob(f"{s.name}-*") if d.is_dir() and (d / _MARKER).is_file()]
+    finished.sort(key=lambda d: (d / _MARKER).stat().st_mtime, reverse=True)
+    for old in finished[keep:]:
+        shutil.rmtree(old, ignore_errors=True)  # its lock file stays: unlinking a lock someone holds breaks it
 
 
 def build(name: str, verbose: bool = False, force: bool = False) -> Path:
