@@ -6,7 +6,11 @@
 #      AdamW and the composed mixed path, each beside the measured device-to-device copy bandwidth;
 #   4. prints a short table last: stage status, then the targets (issue 5) against what was measured.
 # Needs torch (CUDA build), nvcc matching torch's CUDA major version, ninja, pybind11, pytest, pytest-benchmark;
-# installs nothing. Usage: bench/gpu_check.sh [results dir]   (default: $OUT/gpu_check, else /tmp/zerocore_gpu_check)
+# installs nothing, and zerocore need not be installed (PYTHONPATH points at this checkout). nvcc is found as the
+# op builder finds it ($CUDA_HOME if set, else /usr/local/cuda, else PATH); $PYTHON picks the interpreter
+# (default python3). Every stage has its own time limit and all of them together stay under an overall budget
+# (ZEROCORE_GPU_CHECK_BUDGET_S, default 450 s), so the whole script ends within 8 minutes even if a stage hangs.
+# Usage: bench/gpu_check.sh [results dir]   (default: $OUT/gpu_check, else /tmp/zerocore_gpu_check)
 # Everything printed also goes to <results dir>/gpu_check.log; paste the final table into bench/results/gpu.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -17,16 +21,24 @@ mkdir -p "$RESULTS"
 exec > >(tee "$RESULTS/gpu_check.log") 2>&1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+PY=${PYTHON:-python3}
+DEADLINE=$((SECONDS + ${ZEROCORE_GPU_CHECK_BUDGET_S:-450}))
 
 declare -a SUMMARY
 stage() {  # stage NAME TIMEOUT_S COMMAND...: runs it, records status and seconds, never aborts the script
   local name=$1 limit=$2
   shift 2
+  local left=$((DEADLINE - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
   echo
+  if [ "$limit" -lt 15 ]; then
+    echo "=== $name: SKIPPED, the overall time budget is spent"
+    SUMMARY+=("| $name | SKIPPED (no time left) | 0 |")
+    return 1
+  fi
   echo "=== $name (limit ${limit}s): $*"
   local started=$SECONDS
-  timeout --kill-after=10 "$limit" "$@"
+  timeout --kill-after=5 "$limit" "$@"
   local rc=$?
   local status=ok
   [ $rc -eq 124 ] && status="TIMEOUT" || { [ $rc -ne 0 ] && status="FAILED (rc $rc)"; }
@@ -36,18 +48,33 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: runs it, records status and second
 
 echo "zerocore gpu_check $(date -u +%FT%TZ) in $PWD, results in $RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv || true
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-"$CUDA_HOME/bin/nvcc" --version | tail -n 2
+timeout 60 "$PY" -c "
+import torch
+from zerocore.ops import toolchain as T
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
+print('nvcc', T.nvcc_version(), 'at', T.cuda_home()[0], '| arch', T.cuda_arch_list())
+" || true
 
-stage "build ops" 330 python -c "
-import time, zerocore.ops as O
-for name in ('cpu_adam', 'buckets', 'cuda_buckets', 'cuda_adam'):
-    t = time.time(); O.build(name, verbose=False); print(f'built {name} in {time.time() - t:.0f}s', flush=True)
+# The four libraries compile in parallel (each in its own child process and cache folder).
+stage "build ops" 200 "$PY" -c "
+import sys, time, zerocore.ops as O
+from concurrent.futures import ThreadPoolExecutor
+def build(name):
+    t = time.time()
+    try:
+        O.build(name, verbose=False)
+        return f'built {name} in {time.time() - t:.0f}s'
+    except Exception as e:
+        return f'FAILED {name} after {time.time() - t:.0f}s: {e}'
+with ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(build, ('cpu_adam', 'buckets', 'cuda_buckets', 'cuda_adam')))
+print('\n'.join(results), flush=True)
+sys.exit(any(r.startswith('FAILED') for r in results))
 "
-stage "tests" 240 python -m pytest -q -p no:cacheprovider -ra --junitxml="$RESULTS/tests.xml" \
+stage "tests" 150 "$PY" -m pytest -q -p no:cacheprovider -ra --junitxml="$RESULTS/tests.xml" \
   tests/test_ops_buckets.py tests/test_optim_fused_adam.py
-stage "bench buckets" 120 python bench/bench_buckets.py --device cuda --out "$RESULTS/bench_buckets.md"
-stage "bench fused adam" 180 python bench/bench_fused_adam.py --out "$RESULTS/bench_fused_adam.md"
+stage "bench buckets" 45 "$PY" bench/bench_buckets.py --device cuda --out "$RESULTS/bench_buckets.md"
+stage "bench fused adam" 75 "$PY" bench/bench_fused_adam.py --out "$RESULTS/bench_fused_adam.md"
 
 echo
 for f in "$RESULTS/bench_buckets.md" "$RESULTS/bench_fused_adam.md"; do [ -f "$f" ] && { echo; cat "$f"; }; done
@@ -56,7 +83,7 @@ echo "| stage | status | seconds |"
 echo "|---|---|---|"
 printf '%s\n' "${SUMMARY[@]}"
 echo
-python - "$RESULTS" <<'EOF'
+"$PY" - "$RESULTS" <<'EOF'
 # The targets of issue 5 against the tables above (rows are markdown, columns as the benches print them).
 import os, sys
 results = sys.argv[1]

@@ -333,6 +333,28 @@ def test_cuda_many_tensors_one_call():
         assert_same(o, e, f"outs[{i}]")
 
 
+def test_cuda_tensor_over_2_31_elements():
+    """Index math in 64 bits: a tensor of more than 2^31 elements packed at an odd offset (the unaligned path),
+    then unpacked from a 16-byte aligned offset (the vector path); 32-bit offsets would wrap around."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with at least 40 GiB (the tensors take about 22 GB)")
+    n = 2**31 + 1037  # odd, and past 2^31 by more than a slice
+    torch.manual_seed(15)
+    src = torch.randn(n, device="cuda")
+    bucket = poison(torch.empty(n + 2, dtype=torch.bfloat16, device="cuda"))
+    B.pack([src], bucket, [1], scale=0.5)
+    slices = [(0, 1000), (2**31 - 500, 2**31 + 500), (n - 1000, n)]
+    for lo, hi in slices:
+        assert_same(bucket[1 + lo:1 + hi], (src[lo:hi] * 0.5).to(torch.bfloat16), f"pack [{lo}, {hi})")
+    sentinel = poison(torch.empty(2, dtype=torch.bfloat16, device="cuda"))
+    assert_same(bucket[[0, n + 1]], sentinel, "pack wrote outside its range")
+    m = n - 7
+    out = poison(src)[:m]  # src's memory, 8.6 GB, reused; bucket element 8 is 16 bytes in: aligned
+    B.unpack(bucket, [out], [8], scale=2.0)
+    for lo, hi in [(0, 1000), (2**31 - 500, 2**31 + 500), (m - 1000, m)]:
+        assert_same(out[lo:hi], bucket[8 + lo:8 + hi].float() * 2.0, f"unpack [{lo}, {hi})")
+
+
 def test_cuda_runs_on_current_stream():
     """The kernel must queue behind earlier work on the caller's stream: its input is modified there, after a
     long sleep, so a kernel launched on any other stream would read the old values."""

@@ -329,23 +329,32 @@ def test_cuda_library_compiles_and_registers_kernel():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("zerocore::adam_step", "CPU")
 
 
-def cuda_case(sizes, grad_dtype, state_dtype, out_dtype, seed, misalign=False):
-    """Random inputs for adam_step on CUDA and identical copies on CPU. misalign: every tensor is a view one
-    element into a larger buffer, so the kernel must take its unaligned path."""
-    g = torch.Generator().manual_seed(seed)
-    shift = 1 if misalign else 0
+def to_cuda_keeping_offset(t):
+    """A CUDA copy of CPU tensor t at the same element offset into a fresh buffer (t.cuda() would allocate an
+    aligned tensor and lose the misalignment the case asks for)."""
+    shift = t.storage_offset()
+    out = torch.empty(t.numel() + shift, dtype=t.dtype, device="cuda")[shift:]
+    return out.copy_(t)
 
-    def make(n, dtype, scale=1.0):
+
+def cuda_case(sizes, grad_dtype, state_dtype, out_dtype, seed, misalign="none"):
+    """Random inputs for adam_step on CUDA and identical copies on CPU. misalign "all": every tensor is a view one
+    element into a larger buffer, so the kernel must take its unaligned path; "grads": only the gradients are, so
+    one misaligned list among aligned ones must be enough to leave the vector path."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n, dtype, scale=1.0, list_name=""):
+        shift = 1 if misalign == "all" or (misalign == "grads" and list_name == "grads") else 0
         return (torch.randn(n + shift, generator=g) * scale).to(dtype)[shift:]
 
     case = {
         "params": [make(n, torch.float32) for n in sizes],
         "exp_avgs": [make(n, state_dtype, 0.1) for n in sizes],
-        "exp_avg_sqs": [make(n, state_dtype, 0.1).abs() for n in sizes],
-        "grads": [make(n, grad_dtype) for n in sizes],
-        "params_out": [torch.full((n,), -7.0, dtype=out_dtype) for n in sizes] if out_dtype else [],
+        "exp_avg_sqs": [make(n, state_dtype, 0.1).abs_() for n in sizes],  # in place: keeps the offset
+        "grads": [make(n, grad_dtype, list_name="grads") for n in sizes],
+        "params_out": [make(n, out_dtype).fill_(-7.0) for n in sizes] if out_dtype else [],
     }
-    on_cuda = {k: [t.cuda() for t in v] for k, v in case.items()}
+    on_cuda = {k: [to_cuda_keeping_offset(t) for t in v] for k, v in case.items()}
     return case, on_cuda
 
 
@@ -364,11 +373,14 @@ def run_adam(case, grad_scale, found_inf, check_finite=True, step=3, adamw=True)
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_dtype,out_dtype", [(torch.float32, None), (torch.float32, torch.bfloat16),
                                                    (torch.bfloat16, torch.float16)])
-@pytest.mark.parametrize("misalign", [False, True])
+@pytest.mark.parametrize("misalign", ["none", "all", "grads"])
 @pytest.mark.parametrize("adamw", [True, False])
 def test_cuda_kernel_matches_cpu_kernel_bitwise(grad_dtype, state_dtype, out_dtype, misalign, adamw):
-    sizes = [1, 3, 4, 5, 1000, 32768, 32769, 100_003]
+    sizes = [0, 1, 3, 4, 5, 1000, 32768, 32769, 100_003]  # empty, below / at / above a vector, chunk edges
     cpu, gpu = cuda_case(sizes, grad_dtype, state_dtype, out_dtype, seed=20, misalign=misalign)
+    for key, tensors in gpu.items():  # the case really is (mis)aligned on the GPU, as asked
+        misaligned = misalign == "all" or (misalign == "grads" and key == "grads")
+        assert all((t.data_ptr() % 8 != 0) == misaligned for t in tensors if t.numel()), key
     run_adam(cpu, torch.tensor([0.25]), torch.zeros(1), adamw=adamw)
     run_adam(gpu, torch.tensor([0.25], device="cuda"), torch.zeros(1, device="cuda"), adamw=adamw)
     for key in cpu:
@@ -395,14 +407,15 @@ def test_cuda_kernel_matches_float64_reference():
         assert torch.equal(gpu["params_out"][i], gpu["params"][i].to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("where", ["first", "last"])
-def test_cuda_inf_anywhere_in_many_tensors_changes_nothing(where):
+def test_cuda_inf_anywhere_in_many_tensors_changes_nothing(where, grad_dtype):
     """More tensors than one launch's argument block holds (several launches): an inf in the last launch's
-    tensors must stop the first launch's updates too."""
+    tensors must stop the first launch's updates too. Each gradient dtype has its own scan."""
     sizes = [int(n) for n in torch.randint(1, 2000, (1500,), generator=torch.Generator().manual_seed(22))]
-    _, gpu = cuda_case(sizes, torch.bfloat16, torch.float32, torch.bfloat16, seed=23)
+    _, gpu = cuda_case(sizes, grad_dtype, torch.float32, torch.bfloat16, seed=23)
     bad = gpu["grads"][0 if where == "first" else -1]
-    bad[bad.numel() // 2] = float("nan")
+    bad[bad.numel() // 2] = float("-inf") if where == "first" else float("nan")
     before = {k: [t.clone() for t in v] for k, v in gpu.items()}
     flag = torch.zeros(1, device="cuda")
     run_adam(gpu, None, flag)
@@ -414,12 +427,22 @@ def test_cuda_inf_anywhere_in_many_tensors_changes_nothing(where):
 def test_cuda_flag_set_on_entry_or_bad_scale_changes_nothing():
     _, gpu = cuda_case([100, 5000], torch.float16, torch.float32, torch.float16, seed=24)
     before = {k: [t.clone() for t in v] for k, v in gpu.items()}
-    run_adam(gpu, None, torch.ones(1, device="cuda"), check_finite=False)  # set on entry: no-op even unchecked
-    flag = torch.zeros(1, device="cuda")
-    run_adam(gpu, torch.tensor([float("inf")], device="cuda"), flag)
-    assert flag.item() == 1.0
+    entry_flag = torch.full((1,), 2.0, device="cuda")
+    run_adam(gpu, None, entry_flag, check_finite=False)  # set on entry: no-op even unchecked
+    assert entry_flag.item() == 2.0  # left as it was
+    for bad_scale in (float("inf"), float("nan")):
+        for check_finite in (True, False):  # unchecked: the CPU kernel raises; CUDA cannot without a host sync
+            flag = torch.zeros(1, device="cuda")
+            run_adam(gpu, torch.tensor([bad_scale], device="cuda"), flag, check_finite=check_finite)
+            assert flag.item() == 1.0, (bad_scale, check_finite)
     for key in gpu:
         assert all(identical(a, b) for a, b in zip(gpu[key], before[key])), key
+    _, empty = cuda_case([0, 0], torch.float32, torch.float32, None, seed=24)  # no elements: the scale decides
+    flag = torch.zeros(1, device="cuda")
+    run_adam(empty, torch.tensor([float("inf")], device="cuda"), flag)
+    assert flag.item() == 1.0
+    run_adam(empty, torch.tensor([0.5], device="cuda"), flag.zero_())
+    assert flag.item() == 0.0
 
 
 def test_cuda_many_tensors_match_cpu():
@@ -428,6 +451,34 @@ def test_cuda_many_tensors_match_cpu():
     run_adam(cpu, None, torch.zeros(1))
     run_adam(gpu, None, torch.zeros(1, device="cuda"))
     assert all(torch.equal(c, d.cpu()) for c, d in zip(cpu["params"], gpu["params"]))
+
+
+def test_cuda_tensor_over_2_31_elements():
+    """Index math in 64 bits: one tensor of more than 2^31 elements (32-bit offsets would wrap around and write
+    near its start). The update is elementwise, so slices at the start, across 2^31 and at the end are checked
+    bit for bit against the CPU kernel; then an inf in the last chunk must be found and change nothing."""
+    if torch.cuda.get_device_properties(0).total_memory < 48 * 2**30:
+        pytest.skip("needs a GPU with at least 48 GiB (the tensors take about 26 GB)")
+    n = 2**31 + 1037  # odd, and past 2^31 by more than a slice
+    torch.manual_seed(29)
+    gpu = {"params": [torch.randn(n, device="cuda")],
+           "exp_avgs": [torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1],
+           "exp_avg_sqs": [torch.rand(n, device="cuda", dtype=torch.bfloat16) * 0.1],
+           "grads": [torch.randn(n, device="cuda", dtype=torch.bfloat16)],
+           "params_out": [torch.empty(n, device="cuda", dtype=torch.bfloat16)]}
+    slices = [(0, 1000), (2**31 - 500, 2**31 + 500), (n - 1000, n)]
+    cpu = [{k: [v[0][lo:hi].cpu()] for k, v in gpu.items()} for lo, hi in slices]
+    run_adam(gpu, torch.tensor([0.5], device="cuda"), torch.zeros(1, device="cuda"))
+    for (lo, hi), case in zip(slices, cpu):
+        run_adam(case, torch.tensor([0.5]), torch.zeros(1))
+        for key in gpu:
+            assert torch.equal(gpu[key][0][lo:hi].cpu(), case[key][0]), (key, lo)
+    gpu["grads"][0][n - 2] = float("inf")
+    before = [gpu["params"][0][lo:hi].clone() for lo, hi in slices]
+    flag = torch.zeros(1, device="cuda")
+    run_adam(gpu, None, flag, step=4)
+    assert flag.item() == 1.0
+    assert all(torch.equal(gpu["params"][0][lo:hi], b) for (lo, hi), b in zip(slices, before))
 
 
 def test_cuda_runs_on_current_stream():
@@ -465,9 +516,11 @@ def test_cuda_step_never_syncs_with_host():
 def test_cuda_errors_name_the_problem():
     p = torch.randn(4, device="cuda")
     flag = torch.zeros(1, device="cuda")
-    with pytest.raises(RuntimeError, match="found_inf is on"):
-        A.adam_step([p], [torch.zeros(4)], [torch.zeros(4, device="cuda")], [torch.randn(4, device="cuda")],
-                    lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, found_inf=flag)
+    lists = ([p], [torch.zeros(4)], [torch.zeros(4, device="cuda")], [torch.randn(4, device="cuda")])
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] is on cpu"):  # the wrapper names the culprit
+        A.adam_step(*lists, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, found_inf=flag)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] is on cpu but found_inf is on"):  # so does the kernel
+        torch.ops.zerocore.adam_step(*lists, [], None, flag, LR, 0.9, 0.999, 1e-8, 0.0, 1, True, True)
     with pytest.raises(RuntimeError, match="not contiguous"):
         q = torch.randn(4, 4, device="cuda").t()
         A.adam_step([q], [torch.zeros_like(q)], [torch.zeros_like(q)], [torch.randn_like(q)], lr=LR, beta1=0.9,

@@ -10,6 +10,8 @@
 // kernel then reads found_inf on the device and returns at once when it is set, so a non-finite step writes
 // nothing. found_inf already set on entry makes both kernels return. All scan launches go before the first
 // update launch, so a bad gradient in a late batch also stops the early batches.
+// A non-finite multiplier with check_finite=False cannot raise here as the CPU kernel does (that would read it on
+// the host), so the update kernel treats it as found inf/nan instead: it sets found_inf and writes nothing.
 //
 // [Note: tensor batches]
 // Multi-tensor apply: each tensor is cut into chunks of kChunk elements, one thread block per chunk. The kernel's
@@ -282,15 +284,24 @@ __device__ void dispatch_state(const TensorBatch& b, const ChunkRange& r, float 
 
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(const ZC_GRID_CONSTANT TensorBatch batch, const ZC_GRID_CONSTANT AdamConstants k,
-                const float* grad_scale, const float* found_inf) {
+                const float* grad_scale, float* found_inf) {
   if (*found_inf != 0.0f) return;  // see [Note: no host sync]
   const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
+  if (!adam::is_finite_bits(scale)) {  // only without check_finite (the scan flags it first): skip the step
+    if (threadIdx.x == 0) *found_inf = 1.0f;  // every block decides alone and stores the same value
+    return;
+  }
   const ChunkRange r = find_chunk(batch);
   switch (batch.grad_type[r.tensor]) {
     case kF32: dispatch_state<kF32>(batch, r, scale, k); break;
     case kBF16: dispatch_state<kBF16>(batch, r, scale, k); break;
     default: dispatch_state<kF16>(batch, r, scale, k); break;
   }
+}
+
+// Every tensor empty, so no batch to scan: the multiplier alone decides the flag, as on the CPU.
+__global__ void scale_check_kernel(const float* grad_scale, float* found_inf) {
+  if (*found_inf == 0.0f && !adam::is_finite_bits(*grad_scale)) *found_inf = 1.0f;
 }
 
 // -------------------------------------------------------------------------------------------------------- host
@@ -450,12 +461,18 @@ void adam_step_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     }
     if (numel > 0) entries.push_back(e);
   }
-  if (entries.empty()) return;
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const float* scale_ptr = has_grad_scale ? grad_scale->data_ptr<float>() : nullptr;
   float* flag = found_inf.data_ptr<float>();
+  if (entries.empty()) {
+    if (scale_ptr != nullptr) {
+      scale_check_kernel<<<1, 1, 0, stream>>>(scale_ptr, flag);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return;
+  }
   const auto batches = make_batches(entries);
   if (check_finite) {  // every scan before any update: see [Note: no host sync]
     for (std::size_t b = 0; b < batches.size(); ++b) {
