@@ -18,7 +18,8 @@ Semantics, per tensor i (all contiguous, same device, params[i] fp32, numel equa
     params_out[i] = cast(p)                      # when params_out is non-empty: bf16 (round-to-nearest-even) / fp16
 exp_avgs / exp_avg_sqs are fp32, or bf16 (opt-in lower-precision state). If found_inf is non-zero on entry the
 call changes nothing. If check_finite, any inf/nan in grads sets found_inf to 1 and the call changes nothing;
-a non-finite grad_scale counts as inf/nan too (and is an error when check_finite is False).
+a non-finite grad_scale counts as inf/nan too (and is an error when check_finite is False; on CUDA, where raising
+would need a host sync, it sets found_inf and the call changes nothing instead).
 Bad input (tensors on another device, sparse or non-contiguous tensors, wrong dtypes, mismatched numel or
 list lengths, out-of-range hyperparameters) raises before anything is written.
 
