@@ -1,0 +1,12 @@
+"""zerocore.zero: the ZeRO engine (stages 1 and 2) built on flat, padded, per-unit buffers.
+
+>>> from zerocore.zero import ZeroOptimizer, ZeroConfig
+>>> ZeroConfig(stage=1).stage
+1
+"""
+from .collectives import CollectiveTimeout
+from .config import ZeroConfig
+from .consistency import RankMismatchError
+from .optimizer import ZeroOptimizer
+
+__all__ = ["ZeroOptimizer", "ZeroConfig", "CollectiveTimeout", "RankMismatchError"]

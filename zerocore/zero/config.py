@@ -1,0 +1,185 @@
+"""ZeroConfig: every option of the ZeRO engine, validated once, frozen afterwards.
+
+Options are checked at construction so a typo fails before any memory is touched or any rank waits on
+another. `ZeroConfig.from_deepspeed(dict_or_path)` reads the common subset of a DeepSpeed JSON config.
+
+>>> cfg = ZeroConfig(stage=2, lr=1e-3, gradient_accumulation_steps=4)
+>>> cfg.stage, cfg.gradient_accumulation_steps
+(2, 4)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(value, what: str) -> Optional[torch.dtype]:
+    """torch.float32 / bfloat16 / float16, or one of their names ("bf16", ...); None stays None."""
+    if value is None or isinstance(value, torch.dtype):
+        if value is not None and value not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{what}={value} is not supported: use torch.float32, torch.bfloat16 or torch.float16")
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPES:
+        return _DTYPES[value.lower()]
+    raise ValueError(f"{what}={value!r} is not a dtype: use torch.float32, torch.bfloat16, torch.float16 "
+                     f"or one of {sorted(_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    """Options of `ZeroOptimizer` (see its docstring for what each one does).
+
+    stage: 1 (partition optimizer state) or 2 (also gradients).
+    dtype: compute dtype the model's parameters are cast to; None keeps the model's dtype. fp32 master
+        weights are kept (sharded) whenever it is lower precision.
+    reduce_dtype: dtype gradients are reduced in; None means the compute dtype.
+    bucket_size: target number of elements per unit (one flat buffer, one collective).
+    loss_scale: fp16 only. None = dynamic (initial 2**initial_scale_power, doubled after loss_scale_window
+        clean steps, halved after `hysteresis` consecutive overflows, never below min_loss_scale);
+        a number = static scale.
+    comm_timeout_s: seconds any collective may take before it raises an error naming the operation.
+    max_inflight_reductions: stage 2: units whose reduction may be in flight at once (bounds bucket memory).
+    """
+    stage: int = 2
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    adamw: bool = True
+    dtype: Optional[torch.dtype] = None
+    reduce_dtype: Optional[torch.dtype] = None
+    bucket_size: int = 5_000_000
+    overlap_comm: bool = True
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 0.0
+    loss_scale: Optional[float] = None
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    offload_optimizer: Optional[str] = None
+    nvme_path: Optional[str] = None
+    comm_timeout_s: float = 1800.0
+    max_inflight_reductions: int = 2
+    collective_strategy: Optional[str] = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
+        set_("dtype", parse_dtype(self.dtype, "dtype"))
+        set_("reduce_dtype", parse_dtype(self.reduce_dtype, "reduce_dtype"))
+        set_("betas", tuple(float(b) for b in self.betas))
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage={self.stage!r} is not supported by ZeroOptimizer: use 1 or 2 "
+                             "(stage 3 is a separate engine)")
+        _positive("lr", self.lr, allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas} must be two numbers in [0, 1), e.g. (0.9, 0.999)")
+        _positive("eps", self.eps)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        if int(self.bucket_size) != self.bucket_size or self.bucket_size < 1:
+            raise ValueError(f"bucket_size={self.bucket_size!r} must be a positive number of elements, e.g. 10_000_000")
+        set_("bucket_size", int(self.bucket_size))
+        if int(self.gradient_accumulation_steps) != self.gradient_accumulation_steps or \
+                self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps={self.gradient_accumulation_steps!r} must be an integer >= 1")
+        set_("gradient_accumulation_steps", int(self.gradient_accumulation_steps))
+        _positive("gradient_clipping", self.gradient_clipping, allow_zero=True)
+        if self.loss_scale is not None:
+            _positive("loss_scale", self.loss_scale)
+        if self.hysteresis < 1 or self.loss_scale_window < 1:
+            raise ValueError(f"hysteresis={self.hysteresis} and loss_scale_window={self.loss_scale_window} "
+                             "must be >= 1")
+        _positive("min_loss_scale", self.min_loss_scale)
+        if self.offload_optimizer not in (None, "none", "cpu", "nvme"):
+            raise ValueError(f"offload_optimizer={self.offload_optimizer!r}: use None, 'cpu' or 'nvme'")
+        if self.offload_optimizer == "none":
+            set_("offload_optimizer", None)
+        if self.offload_optimizer == "nvme":
+            raise NotImplementedError("offload_optimizer='nvme' is not available in this version: use 'cpu' "
+                                      "(host memory) or None")
+        _positive("comm_timeout_s", self.comm_timeout_s)
+        if self.max_inflight_reductions < 1:
+            raise ValueError(f"max_inflight_reductions={self.max_inflight_reductions} must be >= 1")
+        if self.collective_strategy not in (None, "all_reduce", "scatter_gather"):
+            raise ValueError(f"collective_strategy={self.collective_strategy!r}: use None (choose per backend), "
+                             "'all_reduce' or 'scatter_gather'")
+
+    @property
+    def is_fp16(self) -> bool:
+        return self.dtype == torch.float16
+
+    def updated(self, **changes) -> "ZeroConfig":
+        """A copy with some options changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, base: Optional["ZeroConfig"] = None, **kwargs) -> "ZeroConfig":
+        """Build from keyword options, rejecting unknown names with the list of valid ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown ZeroOptimizer option(s) {unknown}; valid options: {sorted(known)}")
+        return replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+    @classmethod
+    def from_deepspeed(cls, config: Union[str, os.PathLike, Mapping[str, Any]]) -> "ZeroConfig":
+        """Read the subset of a DeepSpeed config (dict or JSON path) that this engine implements.
+
+        >>> ZeroConfig.from_deepspeed({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}).dtype
+        torch.bfloat16
+        """
+        if not isinstance(config, Mapping):
+            with open(config) as f:
+                config = json.load(f)
+        kw = {}
+        zero = config.get("zero_optimization", {})
+        if "stage" in zero:
+            kw["stage"] = zero["stage"]
+        if "reduce_bucket_size" in zero:
+            kw["bucket_size"] = int(zero["reduce_bucket_size"])
+        if "overlap_comm" in zero:
+            kw["overlap_comm"] = bool(zero["overlap_comm"])
+        off = zero.get("offload_optimizer", {}) or {}
+        if off.get("device") not in (None, "none"):
+            kw["offload_optimizer"] = off["device"]
+            kw["nvme_path"] = off.get("nvme_path")
+        if "gradient_accumulation_steps" in config:
+            kw["gradient_accumulation_steps"] = config["gradient_accumulation_steps"]
+        if "gradient_clipping" in config:
+            kw["gradient_clipping"] = config["gradient_clipping"]
+        opt = config.get("optimizer", {})
+        if opt:
+            if opt.get("type", "adamw").lower() not in ("adam", "adamw"):
+                raise ValueError(f"optimizer type {opt.get('type')!r} is not supported: ZeroOptimizer runs Adam/AdamW")
+            params = opt.get("params", {})
+            kw["adamw"] = opt.get("type", "adamw").lower() == "adamw" or bool(params.get("adam_w_mode", False))
+            for k in ("lr", "eps", "weight_decay"):
+                if k in params:
+                    kw[k] = params[k]
+            if "betas" in params:
+                kw["betas"] = tuple(params["betas"])
+        if config.get("bf16", {}).get("enabled"):
+            kw["dtype"] = torch.bfloat16
+        fp16 = config.get("fp16", {})
+        if fp16.get("enabled"):
+            kw["dtype"] = torch.float16
+            if fp16.get("loss_scale", 0):
+                kw["loss_scale"] = float(fp16["loss_scale"])
+            for src, dst in (("initial_scale_power", "initial_scale_power"), ("loss_scale_window", "loss_scale_window"),
+                             ("hysteresis", "hysteresis"), ("min_loss_scale", "min_loss_scale")):
+                if src in fp16:
+                    kw[dst] = fp16[src]
+        return cls(**kw)
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")

@@ -1,0 +1,281 @@
+"""From autograd gradients to one reduced gradient shard per unit.
+
+[Note: gradient flow]
+Stage 2: a post-accumulate-grad hook on every trainable parameter packs its gradient (cast and pre-divided by
+N, with the C++ pack op) into its unit's bucket and frees the full gradient at once. When the unit's last
+gradient has arrived the unit's reduction is launched asynchronously and overlaps the rest of backward; when it
+completes, this rank's reduced shard is copied (first micro-step) or added (later micro-steps) into the
+persistent shard store and the bucket goes back to a small pool.
+Stage 1: parameters' .grad are views of one persistent flat gradient buffer per unit, so autograd accumulates
+in place across micro-steps; on the last micro-step of an accumulation window each unit is reduced in place
+as soon as its gradients are complete (same hooks, no pack). If reduce_dtype differs from the gradients'
+dtype, stage 1 instead packs the full gradients into a bucket at that point, like stage 2.
+
+Reductions are launched strictly in unit order (a unit waits for the units before it), so every rank issues
+the same collectives in the same order even when gradients arrive in different orders. At the end of each
+backward pass (an autograd engine callback) the remaining units are launched, gradients that never arrived
+counting as zeros, and all reductions are waited for. Which parameters received a gradient during the window
+is recorded so the step can skip (like torch.optim) those that got none on any rank.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Dict, List, Optional
+
+import torch
+from torch.autograd import Variable
+
+from zerocore.ops import buckets as bucket_ops
+
+from .collectives import Collectives
+from .units import Unit, unit_views
+
+
+class BucketPool:
+    """Reuses freed unit buckets (same size and dtype) so steady-state steps neither allocate nor fault pages."""
+
+    def __init__(self, max_free_bytes: int):
+        self.max_free_bytes = max_free_bytes
+        self.free: Dict[tuple, List[torch.Tensor]] = {}
+        self.free_bytes = 0
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        lst = self.free.get((numel, dtype, device))
+        if lst:
+            t = lst.pop()
+            self.free_bytes -= t.numel() * t.element_size()
+            return t
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def put(self, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.free_bytes + nbytes <= self.max_free_bytes:
+            self.free.setdefault((t.numel(), t.dtype, t.device), []).append(t)
+            self.free_bytes += nbytes
+
+    def clear(self) -> None:
+        self.free.clear()
+        self.free_bytes = 0
+
+
+class GradReducer:
+    """Owns gradient hooks, buckets and reductions for a list of units (see the note above)."""
+
+    def __init__(self, units: List[Unit], comm: Collectives, *, stage: int, grad_dtype: torch.dtype,
+                 reduce_dtype: torch.dtype, accumulation_steps: int, overlap: bool, max_inflight: int,
+                 shard_store: Optional[torch.Tensor], shard_offsets: List[int], num_params: int):
+        self.units, self.comm, self.stage = units, comm, stage
+        self.reduce_dtype, self.accumulation_steps = reduce_dtype, accumulation_steps
+        self.overlap, self.max_inflight = overlap, max_inflight
+        self.world_size = comm.world_size
+        # Stage 1 reduces the persistent gradient buffers in place unless a dtype change forces a bucket.
+        self.in_place = stage == 1 and reduce_dtype == grad_dtype
+        self.shard_store = shard_store
+        self.shard_views = [None if shard_store is None else shard_store[o:o + u.shard_numel]
+                            for u, o in zip(units, shard_offsets)]
+        # Buckets are pre-divided by N (keeps fp16 sums in range); the rest of the averaging is done by the step.
+        self.pack_scale = 1.0 if self.in_place else 1.0 / self.world_size
+        self.grad_divisor = accumulation_steps * (self.world_size if self.in_place else 1)
+        biggest = max((u.padded_numel for u in units), default=0) * torch.finfo(reduce_dtype).bits // 8
+        self.pool = BucketPool(max_free_bytes=max_inflight * biggest)
+        self.where = {}
+        for u in units:
+            for k, s in enumerate(u.slots):
+                self.where[id(s.param)] = (u.index, k)
+        self.has_grad = bytearray(num_params)          # per parameter index, this accumulation window
+        self.micro_steps = 0                            # completed backward passes in this window
+        self.grad_flats: List[Optional[torch.Tensor]] = [None] * len(units)
+        self.grad_views: List[List[torch.Tensor]] = [[] for _ in units]
+        if self.in_place:
+            for u in units:
+                self.grad_flats[u.index] = torch.zeros(u.padded_numel, dtype=grad_dtype, device=u.flat.device)
+                self.grad_views[u.index] = unit_views(u, self.grad_flats[u.index])
+                for s, v in zip(u.slots, self.grad_views[u.index]):
+                    s.param.grad = v
+        self._reset_backward_state()
+        self.handles = []
+        self.in_backward = False
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def attach(self) -> None:
+        for u in self.units:
+            for s in u.slots:
+                self.handles.append(s.param.register_post_accumulate_grad_hook(self._on_grad))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _reset_backward_state(self) -> None:
+        n = len(self.units)
+        self.arrived: List[set] = [set() for _ in range(n)]
+        self.buckets: List[Optional[torch.Tensor]] = [None] * n
+        self.ready = [False] * n
+        self.next_launch = 0
+        self.inflight = deque()
+        self.reducing = False
+
+    # ------------------------------------------------------------------------------------------- per grad
+    def _is_boundary_pass(self) -> bool:
+        return self.micro_steps == self.accumulation_steps - 1
+
+    def _check_window(self) -> None:
+        if self.micro_steps >= self.accumulation_steps:
+            raise RuntimeError(
+                f"zerocore: backward ran {self.micro_steps + 1} times since the last optimizer step but "
+                f"gradient_accumulation_steps={self.accumulation_steps}. Call opt.step() after every backward "
+                "(it updates on every k-th call) or after exactly k backward passes.")
+
+    def _begin_backward(self) -> None:
+        self._check_window()
+        self.in_backward = True
+        self.reducing = self.stage == 2 or self._is_boundary_pass()
+        Variable._execution_engine.queue_callback(self.end_backward)
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if not self.in_backward:
+            self._begin_backward()
+        u, k = self.where[id(p)]
+        unit, slot = self.units[u], self.units[u].slots[k]
+        self.has_grad[slot.index] = 1
+        if self.reducing and self.ready[u] and u < self.next_launch:
+            raise RuntimeError(
+                f"zerocore: parameter {slot.name!r} received a second gradient after its unit's reduction "
+                "started (reentrant activation checkpointing?). Construct ZeroOptimizer with "
+                "overlap_comm=False for such models.")
+        if self.in_place:
+            view = self.grad_views[u][k]
+            if p.grad is not view:       # someone replaced .grad (e.g. module.zero_grad(set_to_none=True))
+                view.copy_(p.grad)
+                p.grad = view
+        elif self.stage == 2:
+            grad = p.grad
+            p.grad = None                # the full gradient lives only until it is packed
+            bucket = self._bucket(unit)
+            bucket_ops.pack([grad.contiguous()], bucket, [slot.offset], scale=self.pack_scale,
+                            accumulate=k in self.arrived[u])
+        if not self.reducing:
+            return
+        self.arrived[u].add(k)
+        if self.overlap and len(self.arrived[u]) == len(unit.slots):
+            self.ready[u] = True
+            self._launch_ready()
+        self._poll()
+
+    def _bucket(self, unit: Unit) -> torch.Tensor:
+        b = self.buckets[unit.index]
+        if b is None:
+            b = self.pool.get(unit.padded_numel, self.reduce_dtype, unit.flat.device)
+            b[unit.numel:].zero_()
+            self.buckets[unit.index] = b
+        return b
+
+    # --------------------------------------------------------------------------------------- reductions
+    def _launch_ready(self) -> None:
+        while self.next_launch < len(self.units) and self.ready[self.next_launch]:
+            self._launch(self.next_launch)
+            self.next_launch += 1
+
+    def _launch(self, u: int) -> None:
+        unit = self.units[u]
+        if self.in_place:
+            flat = self.grad_flats[u]
+        else:
+            flat = self._bucket(unit)
+            if self.stage == 1:          # stage 1 with a dtype change: pack the kept gradients now
+                present = [k for k, s in enumerate(unit.slots) if s.param.grad is not None]
+                if present:
+                    bucket_ops.pack([unit.slots[k].param.grad.contiguous() for k in present], flat,
+                                    [unit.slots[k].offset for k in present], scale=self.pack_scale)
+                missing = [s for k, s in enumerate(unit.slots) if k not in set(present)]
+            else:
+                missing = [s for k, s in enumerate(unit.slots) if k not in self.arrived[u]]
+            for s in missing:            # no gradient on this rank in this pass counts as zero
+                flat[s.offset:s.offset + s.numel].zero_()
+        while len(self.inflight) >= self.max_inflight:
+            self._finalize(*self.inflight.popleft())
+        what = f"unit {u} gradients ({unit.numel} elements, {flat.dtype})"
+        store = self.shard_views[u]
+        out = store if (store is not None and self._first_into_store() and store.dtype == flat.dtype
+                        and store.device == flat.device) else None
+        self.inflight.append((u, self.comm.reduce(flat, unit.shard_numel, what, out=out)))
+
+    def _first_into_store(self) -> bool:
+        # Stage 2 reduces every micro-step and accumulates; stage 1 writes the store once, at the boundary.
+        return self.stage == 1 or self.micro_steps == 0
+
+    def _poll(self) -> None:
+        while self.inflight and self.inflight[0][1].is_completed():
+            self._finalize(*self.inflight.popleft())
+
+    def _finalize(self, u: int, pending) -> None:
+        shard = pending.wait()
+        unit = self.units[u]
+        if self.in_place:
+            own = unit.shard_of(self.grad_flats[u])
+            if shard.data_ptr() != own.data_ptr():
+                own.copy_(shard)
+            return
+        dst = self.shard_views[u]
+        if shard.data_ptr() != dst.data_ptr():
+            if self._first_into_store():
+                # Offload of a GPU model: an async device-to-host copy into the pinned store (step() syncs).
+                dst.copy_(shard, non_blocking=shard.device != dst.device)
+            else:
+                dst.add_(shard if shard.device == dst.device else shard.to(dst.device))
+        self.pool.put(self.buckets[u])
+        self.buckets[u] = None
+        if self.stage == 1:
+            for s in unit.slots:
+                s.param.grad = None
+
+    def end_backward(self) -> None:
+        """End of a backward pass: launch what is left (in unit order), wait for everything."""
+        if not self.in_backward:
+            self._begin_backward_without_grads()
+        if self.reducing:
+            for u in range(self.next_launch, len(self.units)):
+                self._launch(u)
+            self.next_launch = len(self.units)
+            while self.inflight:
+                self._finalize(*self.inflight.popleft())
+        self.micro_steps += 1
+        self.in_backward = False
+        self._reset_backward_state()
+
+    def _begin_backward_without_grads(self) -> None:
+        # A backward that reached no trainable parameter still has to take part in the reductions.
+        self._check_window()
+        self.in_backward = True
+        self.reducing = self.stage == 2 or self._is_boundary_pass()
+
+    # ------------------------------------------------------------------------------------------- window
+    def reduced_shards(self) -> List[torch.Tensor]:
+        """This rank's reduced gradient shard of every unit (valid after the window's last backward)."""
+        if self.in_place:
+            return [u.shard_of(f) for u, f in zip(self.units, self.grad_flats)]
+        return self.shard_views
+
+    def clear_window(self) -> None:
+        """Forget this accumulation window's gradients (after a step, or to discard them)."""
+        self.micro_steps = 0
+        self.has_grad = bytearray(len(self.has_grad))
+        if self.in_place:
+            for f in self.grad_flats:
+                f.zero_()
+        elif self.stage == 1:
+            for u in self.units:
+                for s in u.slots:
+                    s.param.grad = None
+
+    def held_gradient_tensors(self) -> List[torch.Tensor]:
+        """Every gradient buffer this rank holds outside the pool (for memory accounting)."""
+        out = [f for f in self.grad_flats if f is not None]
+        if self.shard_store is not None:
+            out.append(self.shard_store)
+        for u in self.units:
+            for s in u.slots:
+                if s.param.grad is not None:
+                    out.append(s.param.grad)
+        return out

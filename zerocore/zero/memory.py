@@ -1,0 +1,61 @@
+"""Byte accounting of what a rank holds, the ZeRO formulas it is checked against, and host buffers.
+
+Formulas (Ψ trainable parameters, N ranks), model-state bytes per rank:
+    fp32:   stage 1  8Ψ + 8Ψ/N      (params 4Ψ, grads 4Ψ, Adam m+v 8Ψ/N; the fp32 params are the masters)
+            stage 2  4Ψ + 12Ψ/N     (params 4Ψ, reduced grad shard 4Ψ/N, m+v 8Ψ/N)
+    mixed:  stage 1  4Ψ + 12Ψ/N     (params 2Ψ, grads 2Ψ, fp32 master 4Ψ/N, m+v 8Ψ/N)
+            stage 2  2Ψ + 14Ψ/N     (params 2Ψ, reduced grad shard 2Ψ/N, master 4Ψ/N, m+v 8Ψ/N)
+Stage 2 keeps the reduced grad shard in the reduce dtype when one micro-step makes a step; with
+gradient_accumulation_steps > 1 it accumulates in fp32 (so mixed stage 2 then holds 2Ψ + 16Ψ/N).
+CPU offload with fp32 params keeps a separate fp32 master copy in host memory (+4Ψ/N).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import warnings
+
+import torch
+
+
+def host_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A page-aligned host buffer (pinned when CUDA is available) for offloaded state.
+
+    Uses zerocore.io.aligned_empty; if that cannot be used here (its native library failed to build or load),
+    falls back to a plain torch.empty (pinned when CUDA is available) and warns once, so offload still works.
+    """
+    global _warned_fallback
+    try:
+        from zerocore.io import aligned_empty
+        return aligned_empty((numel,), dtype=dtype, pin=True)
+    except Exception as e:  # noqa: BLE001 - any failure of the optional native path means: fall back
+        if not _warned_fallback:
+            warnings.warn(f"zerocore: aligned host buffers unavailable ({e}); offloaded optimizer state uses "
+                          "torch.empty instead", RuntimeWarning)
+            _warned_fallback = True
+        return torch.empty(numel, dtype=dtype, pin_memory=torch.cuda.is_available())
+
+
+_warned_fallback = False
+
+
+def storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if key not in seen and st.nbytes() > 0:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
+def formula_bytes(stage: int, mixed: bool, psi: int, world_size: int) -> float:
+    """The ZeRO paper's model-state bytes per rank for Adam (see the module docstring)."""
+    n = world_size
+    if mixed:
+        return 4 * psi + 12 * psi / n if stage == 1 else 2 * psi + 14 * psi / n
+    return 8 * psi + 8 * psi / n if stage == 1 else 4 * psi + 12 * psi / n
