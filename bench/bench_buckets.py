@@ -14,16 +14,15 @@ under pytest), ZEROCORE_BENCH_BUCKET_TENSORS (default 200), ZEROCORE_BENCH_BUCKE
 Run: `python bench/bench_buckets.py [--device cuda]` (markdown table) or
 `python -m pytest bench/bench_buckets.py --benchmark-only`.
 """
-import argparse
 import os
 import statistics
 import sys
-import time
 
 import pytest
 import torch
 
 import zerocore.ops
+from _bench_util import cuda_seconds, emit, interleaved_times, parser, wall_seconds
 from zerocore.ops import buckets as B
 
 # (name, op, source dtype, destination dtype, scale); for pack the destination is the bucket.
@@ -104,33 +103,13 @@ class Case:
         self.copy_pair[1].copy_(self.copy_pair[0])
 
 
-def timed(fn, device) -> float:
-    """Seconds for one call (CUDA: events on the current stream, after a warm-up)."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def measure(device: str, cfg: dict) -> list:
     """Rows (case, impl, median seconds, GB/s, bytes) for every case and implementation."""
     rows = []
     for spec in CASES:
         case = Case(*spec, cfg["numel"], cfg["tensors"], device)
-        impls = case.impls()
-        for fn in impls.values():  # warm-up: builds, allocator, page faults
-            fn()
-        times = {name: [] for name in impls}
-        for _ in range(cfg["runs"]):
-            for name, fn in impls.items():
-                times[name].append(timed(fn, device))
-        for name in impls:
+        times = interleaved_times(case.impls(), cfg["runs"], cuda_seconds if device == "cuda" else wall_seconds)
+        for name in times:
             median = statistics.median(times[name])
             rows.append((case.name, name, median, case.bytes / median / 1e9, case.bytes))
         del case
@@ -194,20 +173,15 @@ def test_bucket_bandwidth(benchmark, cases, spec, impl, device):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", help="also write the table to this file")
-    args = parser.parse_args()
+    command_line = parser(__doc__)
+    command_line.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = command_line.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU: skipped")
         return 0
     zerocore.ops.load("cuda_buckets" if args.device == "cuda" else "buckets")
     cfg = config(args.device, script=True)
-    text = table(measure(args.device, cfg), args.device, cfg)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(table(measure(args.device, cfg), args.device, cfg), args.out)
     return 0
 
 

@@ -21,16 +21,15 @@ Environment: ZEROCORE_BENCH_ADAM_MPARAMS (default 50), ZEROCORE_BENCH_ADAM_ROUND
 Run: `python bench/bench_cpu_adam.py [--out FILE]` (markdown table) or
 `python -m pytest bench/bench_cpu_adam.py --benchmark-only --benchmark-group-by=group`.
 """
-import argparse
 import os
 import statistics
 import sys
-import time
 
 import pytest
 import torch
 
 import zerocore.ops
+from _bench_util import emit, interleaved_times, parser, wall_seconds
 from zerocore.ops import adam as A
 
 LR, BETAS, EPS, WD, STEP = 1e-3, (0.9, 0.999), 1e-8, 0.01, 10
@@ -140,15 +139,7 @@ def measure(shard: Shard, rounds: int) -> list:
             torch.set_num_threads(threads)
             for case, (baseline, impls) in CASES.items():
                 fns = {name: getattr(shard, method) for name, (method, _) in impls.items()}
-                for fn in fns.values():  # warm-up
-                    fn()
-                times = {name: [] for name in fns}
-                for r in range(rounds):
-                    order = list(fns.items())
-                    for name, fn in (order if r % 2 == 0 else order[::-1]):  # ABBA: no position bias
-                        started = time.perf_counter()
-                        fn()
-                        times[name].append(time.perf_counter() - started)
+                times = interleaved_times(fns, rounds, wall_seconds, abba=True)  # ABBA: no position bias
                 medians = {name: statistics.median(t) for name, t in times.items()}
                 for name, (_, bytes_per_param) in impls.items():
                     gbs = bytes_per_param * shard.numel / medians[name] / 1e9
@@ -197,16 +188,10 @@ def test_cpu_adam_step(benchmark, shard, case, impl, threads):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="also write the table to this file")
-    args = parser.parse_args()
+    args = parser(__doc__).parse_args()
     zerocore.ops.load("cpu_adam")
     cfg = config(script=True)
-    text = table(measure(Shard(cfg["numel"]), cfg["rounds"]), cfg)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(table(measure(Shard(cfg["numel"]), cfg["rounds"]), cfg), args.out)
     return 0
 
 

@@ -16,7 +16,7 @@ Environment: ZEROCORE_BENCH_ADAM_MPARAMS (comma-separated sizes in millions, def
 ZEROCORE_BENCH_ADAM_RUNS (default 10 / 3).
 Run: `python bench/bench_fused_adam.py [--out FILE]` or `python -m pytest bench/bench_fused_adam.py --benchmark-only`.
 """
-import argparse
+import functools
 import os
 import statistics
 import sys
@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import zerocore.ops
+from _bench_util import cuda_seconds, emit, interleaved_times, parser
 from zerocore.ops import adam as A
 
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.999), 1e-8, 0.01
@@ -99,15 +100,6 @@ class Fp32State:
                             maximize=False)
 
 
-def cuda_seconds(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
 def copy_bandwidth(runs: int) -> float:
     """Bytes per second of a device-to-device copy (read + write counted), 1 GiB fp32."""
     src = torch.randn(1 << 28, device="cuda")
@@ -127,14 +119,10 @@ def measure(cfg: dict) -> list:
                             (Fp32State, {"zerocore fp32": lambda s: s.zerocore(),
                                          "torch fused AdamW fp32": lambda s: s.torch_fused()})):
             state = make(n)
-            for fn in impls.values():
-                fn(state)  # warm-up
-            times = {name: [] for name in impls}
-            for _ in range(cfg["runs"]):
-                for name, fn in impls.items():
-                    times[name].append(cuda_seconds(lambda: fn(state)))
+            bound = {name: functools.partial(fn, state) for name, fn in impls.items()}
+            times = interleaved_times(bound, cfg["runs"], cuda_seconds)
             rows += [(n, name, statistics.median(t)) for name, t in times.items()]
-            del state
+            del state, bound
             torch.cuda.empty_cache()
     return rows
 
@@ -184,20 +172,14 @@ for _mark in needs_gpu:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="also write the table to this file")
-    args = parser.parse_args()
+    args = parser(__doc__).parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: skipped")
         return 0
     zerocore.ops.load("cuda_adam")
     cfg = config(script=True)
     copy_bps = copy_bandwidth(cfg["runs"])
-    text = table(measure(cfg), copy_bps, cfg)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(table(measure(cfg), copy_bps, cfg), args.out)
     return 0
 
 

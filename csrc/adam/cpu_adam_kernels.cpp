@@ -28,6 +28,8 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ZC_ADAM_X86_SIMD 1
 #include <immintrin.h>
+
+#include "simd_bf16.h"
 #else
 #define ZC_ADAM_X86_SIMD 0  // other compilers / CPUs: scalar only (see effective_simd)
 #endif
@@ -294,18 +296,8 @@ struct Ops {
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
   static V load(const fp16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the high half; NaN stays a quiet NaN.
-  static __m128i to_bf16(V x) {
-    const __m256i bits = _mm256_castps_si256(x);
-    const __m256i high = _mm256_srli_epi32(bits, 16);
-    const __m256i bias = _mm256_add_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
-    const __m256i quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
-    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    const __m256i halves = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
-    // Narrow 8 x u32 (all <= 0xffff, so no saturation) to 8 x u16: packus works per 128-bit lane.
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0xD8));
-  }
+  // Round to nearest even, as float_to_bf16 does.
+  static __m128i to_bf16(V x) { return simd::avx2_float_to_bf16(x); }
   static __m128i to_fp16(V x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
   static void store(bf16_t* p, V x) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(x)); }
@@ -335,16 +327,8 @@ struct Ops {
   static V load(const fp16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  // Round to nearest even (as in the AVX2 path); NaN lanes take the quiet-NaN pattern instead.
-  static __m256i to_bf16(V x) {
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i high = _mm512_srli_epi32(bits, 16);
-    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-    const __m512i quiet_nan = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
-    const __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, quiet_nan));
-  }
+  // Round to nearest even, as float_to_bf16 does.
+  static __m256i to_bf16(V x) { return simd::avx512_float_to_bf16(x); }
   static __m256i to_fp16(V x) { return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
   static void store(bf16_t* p, V x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(x)); }

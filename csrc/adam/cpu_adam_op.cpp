@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "adam_checks.h"
 #include "cpu_adam_kernels.h"
 
 namespace {
@@ -35,51 +36,6 @@ void check_cpu_dense_contiguous(const at::Tensor& t, const char* list, size_t i)
               "tensors contiguous (e.g. create them with .contiguous() and update that buffer)");
 }
 
-ElemType grad_elem_type(const at::Tensor& t, size_t i) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ElemType::kFloat32;
-    case at::kBFloat16: return ElemType::kBFloat16;
-    case at::kHalf: return ElemType::kFloat16;
-    default:
-      TORCH_CHECK(false, kOp, "grads[", i, "] has dtype ", t.scalar_type(),
-                  "; gradients must be float32, bfloat16 or float16");
-  }
-}
-
-ElemType state_elem_type(const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, size_t i) {
-  TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), kOp, "exp_avgs[", i, "] is ",
-              exp_avg.scalar_type(), " but exp_avg_sqs[", i, "] is ", exp_avg_sq.scalar_type(),
-              "; the two optimizer states of a tensor must share a dtype");
-  switch (exp_avg.scalar_type()) {
-    case at::kFloat: return ElemType::kFloat32;
-    case at::kBFloat16: return ElemType::kBFloat16;
-    default:
-      TORCH_CHECK(false, kOp, "exp_avgs[", i, "] has dtype ", exp_avg.scalar_type(),
-                  "; optimizer state must be float32 or bfloat16 (the opt-in lower-precision state)");
-  }
-}
-
-ElemType out_elem_type(const at::Tensor& t, size_t i) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return ElemType::kBFloat16;
-    case at::kHalf: return ElemType::kFloat16;
-    default:
-      TORCH_CHECK(false, kOp, "params_out[", i, "] has dtype ", t.scalar_type(),
-                  "; params_out holds the low-precision copy and must be bfloat16 or float16");
-  }
-}
-
-void check_hyperparameters(double lr, double beta1, double beta2, double eps, double weight_decay,
-                           int64_t step) {
-  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, kOp, "lr must be a finite number >= 0, got ", lr);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, kOp, "beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, kOp, "beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, kOp, "eps must be a finite number >= 0, got ", eps);
-  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0, kOp,
-              "weight_decay must be a finite number >= 0, got ", weight_decay);
-  TORCH_CHECK(step >= 1, kOp, "step must be >= 1 (the first update is step 1, as in torch.optim), got ", step);
-}
-
 void check_flag_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided, kOp, name,
               " must be a dense CPU tensor like the others, got one on ", t.device());
@@ -99,13 +55,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLis
                    const at::Tensor& found_inf, double lr, double beta1, double beta2, double eps,
                    double weight_decay, int64_t step, bool adamw, bool check_finite) {
   const size_t n = params.size();
-  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n, kOp,
-              "params, exp_avgs, exp_avg_sqs and grads must have one entry per tensor, got lengths ", n, ", ",
-              exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", grads.size());
-  TORCH_CHECK(params_out.empty() || params_out.size() == n, kOp, "params_out must be empty or have ", n,
-              " entries (one per param), got ", params_out.size());
+  zerocore::adam_checks::check_list_lengths(kOp, params, exp_avgs, exp_avg_sqs, grads, params_out);
   check_flag_tensor(found_inf, "found_inf");
-  check_hyperparameters(lr, beta1, beta2, eps, weight_decay, step);
+  zerocore::adam_checks::check_hyperparameters(kOp, lr, beta1, beta2, eps, weight_decay, step);
   const bool has_grad_scale = grad_scale.has_value() && grad_scale->defined();
   if (has_grad_scale) check_flag_tensor(*grad_scale, "grad_scale");
 
@@ -115,26 +67,19 @@ void adam_step_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLis
     check_cpu_dense_contiguous(exp_avgs[i], "exp_avgs", i);
     check_cpu_dense_contiguous(exp_avg_sqs[i], "exp_avg_sqs", i);
     check_cpu_dense_contiguous(grads[i], "grads", i);
-    TORCH_CHECK(params[i].scalar_type() == at::kFloat, kOp, "params[", i, "] has dtype ",
-                params[i].scalar_type(), "; params are the fp32 master weights and must be float32 (write a "
-                "low-precision copy through params_out)");
+    zerocore::adam_checks::check_tensor_group(kOp, params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], i);
     const int64_t numel = params[i].numel();
-    const at::Tensor* others[] = {&exp_avgs[i], &exp_avg_sqs[i], &grads[i]};
-    const char* names[] = {"exp_avgs", "exp_avg_sqs", "grads"};
-    for (int j = 0; j < 3; ++j)
-      TORCH_CHECK(others[j]->numel() == numel, kOp, names[j], "[", i, "] has ", others[j]->numel(),
-                  " elements but params[", i, "] has ", numel, " (shapes ", others[j]->sizes(), " vs ",
-                  params[i].sizes(), ")");
-    const ElemType grad_type = grad_elem_type(grads[i], i);
-    const ElemType state_type = state_elem_type(exp_avgs[i], exp_avg_sqs[i], i);
+    const ElemType grad_type = zerocore::adam_checks::grad_type_code(kOp, grads[i], i, ElemType::kFloat32,
+                                                                     ElemType::kBFloat16, ElemType::kFloat16);
+    const ElemType state_type = zerocore::adam_checks::state_type_code(kOp, exp_avgs[i], exp_avg_sqs[i], i,
+                                                                       ElemType::kFloat32, ElemType::kBFloat16);
     const bool has_out = !params_out.empty();
     ElemType out_type = ElemType::kBFloat16;
     AdamTensor t;
     if (has_out) {
       check_cpu_dense_contiguous(params_out[i], "params_out", i);
-      out_type = out_elem_type(params_out[i], i);
-      TORCH_CHECK(params_out[i].numel() == numel, kOp, "params_out[", i, "] has ", params_out[i].numel(),
-                  " elements but params[", i, "] has ", numel);
+      out_type = zerocore::adam_checks::out_type_code(kOp, params_out[i], i, ElemType::kBFloat16, ElemType::kFloat16);
+      zerocore::adam_checks::check_param_out_numel(kOp, params_out[i], numel, i);
       t.param_out = params_out[i].data_ptr();
     }
     t.param = params[i].data_ptr<float>();

@@ -26,40 +26,37 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
 
+#include "adam_checks.h"
 #include "adam_math.h"
-
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 11070
-#define ZC_GRID_CONSTANT __grid_constant__
-#else
-#define ZC_GRID_CONSTANT
-#endif
+#include "cuda_elementwise.cuh"
 
 namespace zerocore {
 namespace cuda_adam {
 namespace {
 
 using adam::AdamConstants;
+using cuda_elementwise::aligned;
+using cuda_elementwise::ChunkRange;
+using cuda_elementwise::kArgumentLimit;
+using cuda_elementwise::kBF16;
+using cuda_elementwise::kF16;
+using cuda_elementwise::kF32;
+using cuda_elementwise::kLargeKernelParams;
+using cuda_elementwise::kMaxChunksPerLaunch;
+using cuda_elementwise::load_one;
+using cuda_elementwise::store_one;
 
-enum TypeCode : std::uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 enum OutCode : std::uint8_t { kNoOut = 0, kOutBF16 = 1, kOutF16 = 2 };
 
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
-constexpr int kMaxTensors = 560;
-constexpr std::size_t kArgumentLimit = 32764;  // CUDA 12.1+: large kernel parameters
-#else
-constexpr int kMaxTensors = 64;
-constexpr std::size_t kArgumentLimit = 4096;
-#endif
+constexpr int kMaxTensors = kLargeKernelParams ? 560 : 64;
 constexpr int kThreads = 256;
 constexpr std::int64_t kChunk = 32768;  // elements per thread block
 constexpr int kVec = 4;                 // elements per thread per step on the vector path
 constexpr int kUnroll = 4;              // elements per thread per step on the unaligned path
-constexpr std::int64_t kMaxChunksPerLaunch = (1ll << 31) - 1;
 constexpr const char* kOp = "zerocore.adam_step (CUDA): ";
 
 struct TensorBatch {
@@ -80,28 +77,6 @@ static_assert(sizeof(TensorBatch) + sizeof(AdamConstants) + 2 * sizeof(void*) + 
               "kernel argument block too large");
 
 // ------------------------------------------------------------------------------------------ element conversions
-template <int T>
-__device__ __forceinline__ float load_one(const void* base, std::int64_t i) {
-  if constexpr (T == kF32) {
-    return static_cast<const float*>(base)[i];
-  } else if constexpr (T == kBF16) {
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-  } else {
-    return __half2float(static_cast<const __half*>(base)[i]);
-  }
-}
-
-template <int T>
-__device__ __forceinline__ void store_one(void* base, std::int64_t i, float x) {
-  if constexpr (T == kF32) {
-    static_cast<float*>(base)[i] = x;
-  } else if constexpr (T == kBF16) {
-    static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
-  } else {
-    static_cast<__half*>(base)[i] = __float2half_rn(x);
-  }
-}
-
 // Four elements from element i: one 16-byte access for fp32, one 8-byte access for 16-bit types.
 template <int T>
 __device__ __forceinline__ void load_vec(const void* base, std::int64_t i, float (&x)[kVec]) {
@@ -143,21 +118,9 @@ __device__ __forceinline__ void store_vec(void* base, std::int64_t i, const floa
   }
 }
 
-// Finds this block's tensor and element range; see [Note: tensor batches].
-struct ChunkRange {
-  int tensor;
-  std::int64_t begin, end;
-};
-
+// Finds this block's tensor (ChunkRange::entry) and element range; see [Note: tensor batches].
 __device__ __forceinline__ ChunkRange find_chunk(const TensorBatch& b) {
-  const std::int32_t block = static_cast<std::int32_t>(blockIdx.x);
-  int lo = 0, hi = b.count;  // first_chunk[lo] <= block < first_chunk[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (b.first_chunk[mid] <= block) lo = mid; else hi = mid;
-  }
-  const std::int64_t begin = static_cast<std::int64_t>(block - b.first_chunk[lo]) * kChunk;
-  return {lo, begin, min(b.numel[lo], begin + kChunk)};
+  return cuda_elementwise::find_chunk<kChunk>(b);
 }
 
 // ------------------------------------------------------------------------------------------------- finite scan
@@ -197,10 +160,10 @@ __global__ void __launch_bounds__(kThreads)
   // set the flag meanwhile, and every thread must reach the barrier below or none).
   if (__syncthreads_or(threadIdx.x == 0 && *found_inf != 0.0f)) return;
   const ChunkRange r = find_chunk(batch);
-  const void* grad = batch.grad[r.tensor];
-  const bool vec = batch.vectorized[r.tensor] != 0;
+  const void* grad = batch.grad[r.entry];
+  const bool vec = batch.vectorized[r.entry] != 0;
   bool bad;
-  switch (batch.grad_type[r.tensor]) {
+  switch (batch.grad_type[r.entry]) {
     case kF32: bad = chunk_not_finite<kF32>(grad, r.begin, r.end, vec); break;
     case kBF16: bad = chunk_not_finite<kBF16>(grad, r.begin, r.end, vec); break;
     default: bad = chunk_not_finite<kF16>(grad, r.begin, r.end, vec); break;
@@ -213,13 +176,13 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------------------ update
 template <int G, int S, int O>
 __device__ void adam_chunk(const TensorBatch& b, const ChunkRange& r, float scale, const AdamConstants& k) {
-  float* param = b.param[r.tensor];
-  void* exp_avg = b.exp_avg[r.tensor];
-  void* exp_avg_sq = b.exp_avg_sq[r.tensor];
-  const void* grad = b.grad[r.tensor];
-  void* param_out = b.param_out[r.tensor];
+  float* param = b.param[r.entry];
+  void* exp_avg = b.exp_avg[r.entry];
+  void* exp_avg_sq = b.exp_avg_sq[r.entry];
+  const void* grad = b.grad[r.entry];
+  void* param_out = b.param_out[r.entry];
   std::int64_t begin = r.begin;
-  if (b.vectorized[r.tensor]) {
+  if (b.vectorized[r.entry]) {
     const std::int64_t steps = (r.end - begin) / kVec;
     for (std::int64_t s = threadIdx.x; s < steps; s += blockDim.x) {
       const std::int64_t i = begin + s * kVec;
@@ -269,7 +232,7 @@ __device__ void adam_chunk(const TensorBatch& b, const ChunkRange& r, float scal
 
 template <int G, int S>
 __device__ void dispatch_out(const TensorBatch& b, const ChunkRange& r, float scale, const AdamConstants& k) {
-  switch (b.out_type[r.tensor]) {
+  switch (b.out_type[r.entry]) {
     case kNoOut: adam_chunk<G, S, kNoOut>(b, r, scale, k); break;
     case kOutBF16: adam_chunk<G, S, kOutBF16>(b, r, scale, k); break;
     default: adam_chunk<G, S, kOutF16>(b, r, scale, k); break;
@@ -278,7 +241,7 @@ __device__ void dispatch_out(const TensorBatch& b, const ChunkRange& r, float sc
 
 template <int G>
 __device__ void dispatch_state(const TensorBatch& b, const ChunkRange& r, float scale, const AdamConstants& k) {
-  if (b.state_type[r.tensor] == kBF16) dispatch_out<G, kBF16>(b, r, scale, k);
+  if (b.state_type[r.entry] == kBF16) dispatch_out<G, kBF16>(b, r, scale, k);
   else dispatch_out<G, kF32>(b, r, scale, k);
 }
 
@@ -292,7 +255,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const ChunkRange r = find_chunk(batch);
-  switch (batch.grad_type[r.tensor]) {
+  switch (batch.grad_type[r.entry]) {
     case kF32: dispatch_state<kF32>(batch, r, scale, k); break;
     case kBF16: dispatch_state<kBF16>(batch, r, scale, k); break;
     default: dispatch_state<kF16>(batch, r, scale, k); break;
@@ -305,34 +268,6 @@ __global__ void scale_check_kernel(const float* grad_scale, float* found_inf) {
 }
 
 // -------------------------------------------------------------------------------------------------------- host
-std::uint8_t grad_code(const at::Tensor& t, std::size_t i) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kF32;
-    case at::kBFloat16: return kBF16;
-    case at::kHalf: return kF16;
-    default: break;
-  }
-  TORCH_CHECK(false, kOp, "grads[", i, "] has dtype ", t.scalar_type(),
-              "; gradients must be float32, bfloat16 or float16");
-}
-
-std::uint8_t state_code(const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, std::size_t i) {
-  TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), kOp, "exp_avgs[", i, "] is ",
-              exp_avg.scalar_type(), " but exp_avg_sqs[", i, "] is ", exp_avg_sq.scalar_type(),
-              "; the two optimizer states of a tensor must share a dtype");
-  if (exp_avg.scalar_type() == at::kFloat) return kF32;
-  TORCH_CHECK(exp_avg.scalar_type() == at::kBFloat16, kOp, "exp_avgs[", i, "] has dtype ", exp_avg.scalar_type(),
-              "; optimizer state must be float32 or bfloat16 (the opt-in lower-precision state)");
-  return kBF16;
-}
-
-std::uint8_t out_code(const at::Tensor& t, std::size_t i) {
-  if (t.scalar_type() == at::kBFloat16) return kOutBF16;
-  TORCH_CHECK(t.scalar_type() == at::kHalf, kOp, "params_out[", i, "] has dtype ", t.scalar_type(),
-              "; params_out holds the low-precision copy and must be bfloat16 or float16");
-  return kOutF16;
-}
-
 void check_tensor(const at::Tensor& t, const at::Device& device, const char* list, std::size_t i) {
   TORCH_CHECK(t.defined(), kOp, list, "[", i, "] is undefined (None)");
   TORCH_CHECK(t.layout() == at::kStrided, kOp, list, "[", i, "] is a ", t.layout(),
@@ -351,19 +286,6 @@ void check_flag(const at::Tensor& t, const at::Device& device, const char* name)
               " must be a 1-element float32 tensor, got dtype ", t.scalar_type(), " with ", t.numel(),
               " elements");
 }
-
-void check_hyperparameters(double lr, double beta1, double beta2, double eps, double weight_decay,
-                           std::int64_t step) {
-  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, kOp, "lr must be a finite number >= 0, got ", lr);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, kOp, "beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, kOp, "beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, kOp, "eps must be a finite number >= 0, got ", eps);
-  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0, kOp,
-              "weight_decay must be a finite number >= 0, got ", weight_decay);
-  TORCH_CHECK(step >= 1, kOp, "step must be >= 1 (the first update is step 1, as in torch.optim), got ", step);
-}
-
-bool aligned(const void* p, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
 
 struct Entry {
   float* param;
@@ -419,18 +341,14 @@ void adam_step_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
                     const at::Tensor& found_inf, double lr, double beta1, double beta2, double eps,
                     double weight_decay, std::int64_t step, bool adamw, bool check_finite) {
   const std::size_t n = params.size();
-  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n, kOp,
-              "params, exp_avgs, exp_avg_sqs and grads must have one entry per tensor, got lengths ", n, ", ",
-              exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", grads.size());
-  TORCH_CHECK(params_out.empty() || params_out.size() == n, kOp, "params_out must be empty or have ", n,
-              " entries (one per param), got ", params_out.size());
+  adam_checks::check_list_lengths(kOp, params, exp_avgs, exp_avg_sqs, grads, params_out);
   TORCH_CHECK(found_inf.defined() && found_inf.is_cuda(), kOp, "found_inf must be a CUDA tensor (the flag lives ",
               "on the GPU so the step never syncs with the host), got one on ", found_inf.device());
   const at::Device device = found_inf.device();
   check_flag(found_inf, device, "found_inf");
   const bool has_grad_scale = grad_scale.has_value() && grad_scale->defined();
   if (has_grad_scale) check_flag(*grad_scale, device, "grad_scale");
-  check_hyperparameters(lr, beta1, beta2, eps, weight_decay, step);
+  adam_checks::check_hyperparameters(kOp, lr, beta1, beta2, eps, weight_decay, step);
 
   std::vector<Entry> entries;
   entries.reserve(n);
@@ -439,24 +357,17 @@ void adam_step_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     check_tensor(exp_avgs[i], device, "exp_avgs", i);
     check_tensor(exp_avg_sqs[i], device, "exp_avg_sqs", i);
     check_tensor(grads[i], device, "grads", i);
-    TORCH_CHECK(params[i].scalar_type() == at::kFloat, kOp, "params[", i, "] has dtype ", params[i].scalar_type(),
-                "; params are the fp32 master weights and must be float32 (write a low-precision copy through "
-                "params_out)");
+    adam_checks::check_tensor_group(kOp, params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], i);
     const std::int64_t numel = params[i].numel();
-    const at::Tensor* others[] = {&exp_avgs[i], &exp_avg_sqs[i], &grads[i]};
-    const char* names[] = {"exp_avgs", "exp_avg_sqs", "grads"};
-    for (int j = 0; j < 3; ++j) {
-      TORCH_CHECK(others[j]->numel() == numel, kOp, names[j], "[", i, "] has ", others[j]->numel(),
-                  " elements but params[", i, "] has ", numel, " (shapes ", others[j]->sizes(), " vs ",
-                  params[i].sizes(), ")");
-    }
+    const std::uint8_t grad_type = adam_checks::grad_type_code<std::uint8_t>(kOp, grads[i], i, kF32, kBF16, kF16);
+    const std::uint8_t state_type =
+        adam_checks::state_type_code<std::uint8_t>(kOp, exp_avgs[i], exp_avg_sqs[i], i, kF32, kBF16);
     Entry e{params[i].data_ptr<float>(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(), grads[i].data_ptr(),
-            nullptr, numel, grad_code(grads[i], i), state_code(exp_avgs[i], exp_avg_sqs[i], i), kNoOut};
+            nullptr, numel, grad_type, state_type, kNoOut};
     if (!params_out.empty()) {
       check_tensor(params_out[i], device, "params_out", i);
-      TORCH_CHECK(params_out[i].numel() == numel, kOp, "params_out[", i, "] has ", params_out[i].numel(),
-                  " elements but params[", i, "] has ", numel);
-      e.out_type = out_code(params_out[i], i);
+      adam_checks::check_param_out_numel(kOp, params_out[i], numel, i);
+      e.out_type = adam_checks::out_type_code<std::uint8_t>(kOp, params_out[i], i, kOutBF16, kOutF16);
       e.param_out = params_out[i].data_ptr();
     }
     if (numel > 0) entries.push_back(e);

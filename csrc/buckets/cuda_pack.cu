@@ -24,31 +24,27 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda_elementwise.cuh"
 #include "pack_checks.h"
-
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 11070
-#define ZC_GRID_CONSTANT __grid_constant__
-#else
-#define ZC_GRID_CONSTANT
-#endif
 
 namespace zerocore {
 namespace {
 
-enum TypeCode : std::uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+using cuda_elementwise::ChunkRange;
+using cuda_elementwise::kArgumentLimit;
+using cuda_elementwise::kBF16;
+using cuda_elementwise::kF16;
+using cuda_elementwise::kF32;
+using cuda_elementwise::kLargeKernelParams;
+using cuda_elementwise::kMaxChunksPerLaunch;
+using cuda_elementwise::load_one;
+using cuda_elementwise::store_one;
 
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
-constexpr int kMaxSegments = 1000;
-constexpr std::size_t kArgumentLimit = 32764;  // CUDA 12.1+: large kernel parameters
-#else
-constexpr int kMaxSegments = 120;
-constexpr std::size_t kArgumentLimit = 4096;
-#endif
+constexpr int kMaxSegments = kLargeKernelParams ? 1000 : 120;
 constexpr int kThreads = 256;
 constexpr std::int64_t kChunk = 32768;  // elements per thread block
 constexpr int kVec = 8;                 // elements per thread per step on the vector path (16-32 bytes)
 constexpr int kUnroll = 8;              // elements per thread per step on the unaligned path
-constexpr std::int64_t kMaxChunksPerLaunch = (1ll << 31) - 1;  // gridDim.x limit
 
 struct SegmentBatch {
   const void* src[kMaxSegments];
@@ -65,28 +61,6 @@ struct SegmentBatch {
 static_assert(sizeof(SegmentBatch) <= kArgumentLimit, "kernel argument block too large");
 
 // ------------------------------------------------------------------------------------------ element conversions
-template <int T>
-__device__ __forceinline__ float load_one(const void* base, std::int64_t i) {
-  if constexpr (T == kF32) {
-    return static_cast<const float*>(base)[i];
-  } else if constexpr (T == kBF16) {
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-  } else {
-    return __half2float(static_cast<const __half*>(base)[i]);
-  }
-}
-
-template <int T>
-__device__ __forceinline__ void store_one(void* base, std::int64_t i, float x) {
-  if constexpr (T == kF32) {
-    static_cast<float*>(base)[i] = x;
-  } else if constexpr (T == kBF16) {
-    static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
-  } else {
-    static_cast<__half*>(base)[i] = __float2half_rn(x);
-  }
-}
-
 // Eight elements starting at element i (16-byte aligned): two 16-byte loads for fp32, one for 16-bit types.
 template <int T>
 __device__ __forceinline__ void load_vec(const void* base, std::int64_t i, float (&x)[kVec]) {
@@ -188,20 +162,15 @@ __device__ void convert_chunk(const void* src, void* dst, std::int64_t begin, st
 }
 
 __global__ void __launch_bounds__(kThreads) convert_segments_kernel(const ZC_GRID_CONSTANT SegmentBatch batch) {
-  const std::int32_t block = static_cast<std::int32_t>(blockIdx.x);
-  int lo = 0, hi = batch.count;  // first_chunk[lo] <= block < first_chunk[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (batch.first_chunk[mid] <= block) lo = mid; else hi = mid;
-  }
-  const std::int64_t begin = static_cast<std::int64_t>(block - batch.first_chunk[lo]) * kChunk;
-  const std::int64_t end = min(batch.numel[lo], begin + kChunk);
-  const void* src = batch.src[lo];
-  void* dst = batch.dst[lo];
-  const bool vec = batch.vectorized[lo] != 0;
+  const ChunkRange r = cuda_elementwise::find_chunk<kChunk>(batch);  // see [Note: segment batches]
+  const int seg = r.entry;
+  const std::int64_t begin = r.begin, end = r.end;
+  const void* src = batch.src[seg];
+  void* dst = batch.dst[seg];
+  const bool vec = batch.vectorized[seg] != 0;
   const float scale = batch.scale;
   const bool acc = batch.accumulate;
-  switch (batch.src_type[lo] * 3 + batch.dst_type[lo]) {
+  switch (batch.src_type[seg] * 3 + batch.dst_type[seg]) {
     case kF32 * 3 + kF32: convert_chunk<kF32, kF32>(src, dst, begin, end, vec, scale, acc); break;
     case kF32 * 3 + kBF16: convert_chunk<kF32, kBF16>(src, dst, begin, end, vec, scale, acc); break;
     case kF32 * 3 + kF16: convert_chunk<kF32, kF16>(src, dst, begin, end, vec, scale, acc); break;
@@ -233,8 +202,6 @@ struct Segment {
   std::int64_t numel;
 };
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
 // Launches as few kernels as the argument block allows; see [Note: segment batches].
 void launch_segments(const std::vector<Segment>& segments, float scale, bool accumulate) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -263,7 +230,7 @@ void launch_segments(const std::vector<Segment>& segments, float scale, bool acc
     batch.first_chunk[k] = static_cast<std::int32_t>(chunks);
     batch.src_type[k] = type_code(s.src_type);
     batch.dst_type[k] = type_code(s.dst_type);
-    batch.vectorized[k] = aligned16(s.src) && aligned16(s.dst);
+    batch.vectorized[k] = cuda_elementwise::aligned(s.src, 16) && cuda_elementwise::aligned(s.dst, 16);
     chunks += need;
   }
   flush();

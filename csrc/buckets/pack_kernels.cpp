@@ -19,6 +19,7 @@
 #include <cstring>
 
 #include "half_convert.h"
+#include "simd_bf16.h"
 #include "zc_check.h"
 
 #ifdef _OPENMP
@@ -88,17 +89,6 @@ ZC_TARGET_AVX512 inline __m512 avx512_load(const void* base, std::int64_t i) {
   }
 }
 
-// Same rounding as float_to_bf16: add 0x7fff plus the lowest kept bit, keep the high half; NaN stays a quiet NaN.
-ZC_TARGET_AVX512 inline __m256i avx512_float_to_bf16(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i high = _mm512_srli_epi32(bits, 16);
-  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-  const __m512i quiet_nan = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
-  const __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, quiet_nan));
-}
-
 template <FloatType T>
 ZC_TARGET_AVX512 inline void avx512_store(void* base, std::int64_t i, __m512 x) {
   if constexpr (T == FloatType::kFloat32) {
@@ -106,7 +96,7 @@ ZC_TARGET_AVX512 inline void avx512_store(void* base, std::int64_t i, __m512 x) 
   } else {
     __m256i h;
     if constexpr (T == FloatType::kBFloat16) {
-      h = avx512_float_to_bf16(x);
+      h = simd::avx512_float_to_bf16(x);  // round to nearest even, as float_to_bf16
     } else {
       h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     }
@@ -145,18 +135,6 @@ ZC_TARGET_AVX2 inline __m256 avx2_load(const void* base, std::int64_t i) {
   }
 }
 
-ZC_TARGET_AVX2 inline __m128i avx2_float_to_bf16(__m256 x) {
-  const __m256i bits = _mm256_castps_si256(x);
-  const __m256i high = _mm256_srli_epi32(bits, 16);
-  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
-  const __m256i quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
-  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  const __m256i halves = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);  // every lane <= 0xffff: packus is exact
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0xd8);
-  return _mm256_castsi256_si128(packed);
-}
-
 template <FloatType T>
 ZC_TARGET_AVX2 inline void avx2_store(void* base, std::int64_t i, __m256 x) {
   if constexpr (T == FloatType::kFloat32) {
@@ -164,7 +142,7 @@ ZC_TARGET_AVX2 inline void avx2_store(void* base, std::int64_t i, __m256 x) {
   } else {
     __m128i h;
     if constexpr (T == FloatType::kBFloat16) {
-      h = avx2_float_to_bf16(x);
+      h = simd::avx2_float_to_bf16(x);
     } else {
       h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     }

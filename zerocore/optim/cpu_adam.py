@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..ops import adam as _adam_ops  # looked up at call time, so tests can count the kernel calls
+from ._adam_args import adam_defaults, check_adam_args, fill_group_defaults
 
 
 class CPUAdam(torch.optim.Optimizer):
@@ -41,32 +42,13 @@ class CPUAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, adamw_mode: bool = True, *, amsgrad: bool = False,
                  maximize: bool = False, state_dtype: torch.dtype = torch.float32):
-        if not 0.0 <= float(lr):
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Invalid betas: {betas} (each must be in [0, 1))")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-        if amsgrad:
-            raise ValueError("CPUAdam does not implement amsgrad; use torch.optim.AdamW(amsgrad=True)")
-        if maximize:
-            raise ValueError("CPUAdam does not implement maximize; negate the loss instead")
-        if state_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
-        # torch.optim.AdamW's keys, so state dicts load into either optimizer unchanged.
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False,
-                        foreach=None, capturable=False, differentiable=False, fused=None,
-                        decoupled_weight_decay=bool(adamw_mode))
+        check_adam_args("CPUAdam", lr, betas, eps, weight_decay, amsgrad, maximize, state_dtype)
         self.state_dtype = state_dtype
-        super().__init__(params, defaults)
+        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay, adamw_mode))
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:  # groups saved by older torch versions lack some keys
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        fill_group_defaults(self)
 
     def _check_param(self, p: torch.Tensor) -> None:
         if p.device.type != "cpu":

@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..ops import adam as _adam_ops  # looked up at call time, so tests can count the kernel calls
+from ._adam_args import adam_defaults, check_adam_args, fill_group_defaults
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class FusedAdam(torch.optim.Optimizer):
@@ -60,38 +60,20 @@ class FusedAdam(torch.optim.Optimizer):
         if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
             raise ValueError("FusedAdam takes lr as a float or a CPU tensor (a GPU tensor would make every step "
                              "wait for the GPU to read it)")
-        if not 0.0 <= float(lr):
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Invalid betas: {betas} (each must be in [0, 1))")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-        if amsgrad:
-            raise ValueError("FusedAdam does not implement amsgrad; use torch.optim.AdamW(amsgrad=True)")
-        if maximize:
-            raise ValueError("FusedAdam does not implement maximize; negate the loss instead")
-        if state_dtype not in _STATE_DTYPES.values():
-            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False,
-                        foreach=None, capturable=False, differentiable=False, fused=None,
-                        decoupled_weight_decay=bool(adamw_mode))
+        check_adam_args("FusedAdam", lr, betas, eps, weight_decay, amsgrad, maximize, state_dtype)
         self.state_dtype = state_dtype
         self.check_finite = bool(check_finite)
         self._pending_flags: List[Tuple[torch.Tensor, Optional[torch.cuda.Event], List[torch.Tensor]]] = []
         self._skipped_steps = 0
         self._incoming_state: Dict[torch.Tensor, dict] = {}
-        super().__init__(params, defaults)
+        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay, adamw_mode))
         self.register_load_state_dict_pre_hook(FusedAdam._keep_incoming_state)
         self.register_load_state_dict_post_hook(FusedAdam._restore_state_dtypes)
         self.register_state_dict_pre_hook(FusedAdam._resolve_skipped_steps)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:  # groups saved by torch or older versions lack some keys
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        fill_group_defaults(self)
 
     # ------------------------------------------------------------------------------------------------ the step
     @property
