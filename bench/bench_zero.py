@@ -21,6 +21,9 @@ import statistics
 import sys
 import time
 
+# Measure the zerocore of this checkout, not whichever copy is pip-installed (spawned ranks inherit sys.path).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 CONFIGS = {
     "ddp": {},
     "zero1": {"stage": 1},

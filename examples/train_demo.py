@@ -108,7 +108,10 @@ def main() -> None:
             print(f"{m['rank']:4d} | {m['params_mb']:9.1f} | {m['grads_mb']:8.1f} | {m['master_mb']:14.1f} | "
                   f"{m['state_mb']:13.1f} | {m['held_mb']:7.1f} | {m['formula_mb']:15.1f} | {m['peak_rss_mb']:.0f}"
                   + (f" | GPU peak {m['gpu_peak_mb']:.0f} MB" if m["gpu_peak_mb"] is not None else ""))
-    del opt                       # drop the engine's collective handles before the group goes away
+    # Teardown order matters on gloo: finish the engine's collectives and drop its hooks and group first, then
+    # agree that every rank is done, then destroy the group (its destructor joins gloo's worker threads while
+    # Python can still run them; see [Note: teardown] in zerocore/zero/collectives.py).
+    opt.close()
     dist.barrier()
     dist.destroy_process_group()
 

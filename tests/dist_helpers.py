@@ -14,6 +14,7 @@ import datetime
 import importlib
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -61,6 +62,15 @@ def _worker(rank: int, world_size: int, port: int, module: str, names: Sequence[
     os._exit(0)
 
 
+def _signal_name(exitcode) -> str:
+    if exitcode is None or exitcode >= 0:
+        return ""
+    try:
+        return f", {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return ""
+
+
 def run_scenarios(world_size: int, module: str, names: Sequence[str], timeout_s: float = 600) -> Dict[str, List[dict]]:
     """Run scenarios `names` of `module` on `world_size` gloo ranks; returns name -> [per-rank result]."""
     ctx = mp.get_context("spawn")
@@ -72,23 +82,36 @@ def run_scenarios(world_size: int, module: str, names: Sequence[str], timeout_s:
         p.start()
     per_rank: Dict[int, dict] = {}
     deadline = time.monotonic() + timeout_s
+    died_at = None            # when a rank was first seen dead without having reported
+    why = {}
     try:
         while len(per_rank) < world_size and time.monotonic() < deadline:
             try:
-                rank, res = out.get(timeout=1.0)
+                rank, res = out.get(timeout=0.5)
                 per_rank[rank] = res
             except queue.Empty:
-                if not any(p.is_alive() for p in procs):
-                    break                                    # all gone; whoever did not report crashed
+                dead = [r for r, p in enumerate(procs) if r not in per_rank and not p.is_alive()]
+                if dead and died_at is None:
+                    died_at = time.monotonic()
+                # A dead rank leaves its peers blocked in a collective until gloo's timeout: give them a few
+                # seconds to report (they usually fail fast with "connection closed"), then stop waiting.
+                if died_at is not None and time.monotonic() - died_at > 5.0:
+                    break
+        for r, p in enumerate(procs):
+            if r not in per_rank:
+                why[r] = (f"rank {r} died (exit code {p.exitcode}{_signal_name(p.exitcode)}) without reporting"
+                          if not p.is_alive() else
+                          f"rank {r} did not report (killed after "
+                          f"{'a peer died' if died_at is not None else f'the {timeout_s:.0f} s timeout'})")
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=10)
     results: Dict[str, List[dict]] = {}
     for name in names:
-        results[name] = [per_rank.get(r, {}).get(name, {"ok": False, "error": f"rank {r} did not report "
-                                                         f"(crashed or timed out after {timeout_s:.0f} s)"})
+        results[name] = [per_rank.get(r, {}).get(name, {"ok": False, "error": why.get(r, f"rank {r}: no result")})
                          for r in range(world_size)]
     setup_errors = [res["__setup__"] for res in per_rank.values() if "__setup__" in res]
     if setup_errors:

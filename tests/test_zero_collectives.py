@@ -22,3 +22,16 @@ def test_timeout_names_the_operation(scenario_results, world, name):
 def test_default_strategy_per_backend():
     assert default_strategy("gloo") == "all_reduce"
     assert default_strategy("nccl") == "scatter_gather"
+
+
+def test_a_dead_rank_is_reported_not_hung():
+    """The harness (and so every multi-process test) fails fast, naming the rank and its signal."""
+    import time
+    from dist_helpers import run_scenarios
+    t0 = time.monotonic()
+    res = run_scenarios(2, "zero_scenarios", ["rank_dies"], timeout_s=120)
+    elapsed = time.monotonic() - t0
+    errors = [r.get("error", "") for r in res["rank_dies"]]
+    assert not any(r.get("ok") for r in res["rank_dies"]), res
+    assert "rank 1 died (exit code -6, SIGABRT)" in errors[1], errors
+    assert elapsed < 60, f"took {elapsed:.0f} s to notice a dead rank"

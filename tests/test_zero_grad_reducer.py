@@ -5,6 +5,7 @@ import torch
 import zero_scenarios as Z
 from zero_cases import cases, values
 from zerocore.zero.grad_reducer import BucketPool
+from zerocore.zero import ZeroOptimizer
 
 PATHS = ["mlp_no_overlap_s2", "mlp_scatter_gather_s1", "mlp_scatter_gather_s2", "mlp_offload_s1", "mlp_offload_s2"]
 
@@ -25,6 +26,38 @@ def test_bucket_pool_reuses_and_bounds():
     assert pool.free_bytes == 80                       # the third was dropped: bound respected
     assert pool.get(10, torch.float32, torch.device("cpu")).data_ptr() in (a.data_ptr(), b.data_ptr())
     assert pool.get(10, torch.bfloat16, torch.device("cpu")).dtype == torch.bfloat16
+
+
+def test_bucket_pool_slabs_serve_every_unit_size():
+    slab = 300_000                                     # 1.2 MB of fp32: a host slab on its own mmap
+    pool = BucketPool(max_free_bytes=2 * slab * 4, slab_numel=slab)
+    big = pool.get(slab, torch.float32, torch.device("cpu"))
+    small = pool.get(1000, torch.float32, torch.device("cpu"))
+    assert small.numel() == 1000 and big.numel() == slab
+    assert small.data_ptr() % 4096 == 0 and big.data_ptr() % 4096 == 0    # page-aligned mmap slabs
+    small.copy_(torch.arange(1000.0))
+    assert torch.equal(small, torch.arange(1000.0))
+    third = pool.get(5, torch.float32, torch.device("cpu"))
+    for t in (big, small, third):
+        pool.put(t)
+    assert pool.free_bytes == 2 * slab * 4             # every size went back as a whole slab; bound respected
+    again = pool.get(77, torch.float32, torch.device("cpu"))
+    assert again.data_ptr() in (big.data_ptr(), small.data_ptr())       # a kept slab is reused for any size
+    assert pool.get(slab + 1, torch.float32, torch.device("cpu")).numel() == slab + 1   # too big: exact buffer
+
+
+def test_stage2_pool_is_bounded_and_reported(single_rank_group):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 16), torch.nn.Linear(16, 8))
+    opt = ZeroOptimizer(model, stage=2, bucket_size=100, max_inflight_reductions=1)
+    biggest = max(u.padded_numel for u in opt.units)
+    assert len(opt.units) > 2
+    for _ in range(3):
+        opt.backward(model(torch.randn(4, 32)).square().mean())
+        opt.step()
+        opt.zero_grad()
+    rep = opt.memory_report()
+    assert 0 < rep["pooled_buckets"] <= 2 * biggest * 4            # (max_inflight + 1) slabs at most
+    assert rep["pooled_buckets"] % (biggest * 4) == 0               # whole slabs of the biggest unit
 
 
 def test_stage2_frees_full_gradients(single_rank_group):

@@ -31,3 +31,18 @@ def test_storage_bytes_counts_shared_storage_once():
     flat = torch.zeros(100)
     assert storage_bytes([flat[:10], flat[10:], None]) == 400
     assert storage_bytes([flat, torch.zeros(3, dtype=torch.bfloat16)]) == 406
+
+
+def test_cpu_offload_of_fp32_cpu_model_keeps_no_second_master(single_rank_group):
+    """On a CPU-only model the fp32 params are host memory already: offload holds exactly the stage-2 formula."""
+    from zerocore.zero import ZeroOptimizer
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 6))
+    ref = [p.detach().clone() for p in model.parameters()]
+    opt = ZeroOptimizer(model, stage=2, offload_optimizer="cpu", lr=1e-2)
+    opt.backward(model(torch.randn(5, 24)).square().mean())
+    opt.step()
+    rep = opt.memory_report()
+    assert rep["master"] == 0
+    pad = rep["padding_elements"] * 16                 # params 4 + grad shard 4 + m 4 + v 4 bytes per element
+    assert abs(rep["model_states"] - rep["formula"]) <= pad, rep
+    assert all(not torch.equal(p, r) for p, r in zip(model.parameters(), ref))   # the update reached the params

@@ -110,3 +110,8 @@ def test_state_dict_is_per_parameter(single_rank_group):
     w = sd["params"]["weight"]
     assert w["shape"] == (3, 4) and (w["start"], w["end"]) == (0, 12)
     torch.testing.assert_close(w["master"], m.weight.detach().reshape(-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("world,name", cases(["close_releases_group"]))
+def test_close_releases_hooks_and_group(scenario_results, world, name):
+    assert values(scenario_results, world, name) == [{"closed": True}] * world

@@ -529,6 +529,57 @@ def collective_timeout(rank, world):
     raise AssertionError("no timeout raised although the other ranks never joined")
 
 
+def close_releases_group(rank, world):
+    """close() waits for the step's gathers, removes the engine's hooks and drops the group, so that
+    destroy_process_group really destroys it (joining gloo's threads) instead of leaving it to interpreter exit."""
+    import gc
+    import weakref
+    sub = dist.new_group(backend="gloo")
+    model = mlp()
+    n_hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
+    opt = ZeroOptimizer(model, stage=2, bucket_size=200, process_group=sub)
+    x = torch.randn(LOCAL_BATCH, 16, generator=torch.Generator().manual_seed(rank))
+    opt.backward(model(x).square().mean())
+    opt.step()                                   # leaves the parameter gathers in flight
+    opt.close()
+    opt.close()                                  # idempotent
+    if opt._pending or opt.comm.group is not None:
+        raise AssertionError("close() left gathers in flight or kept the process group")
+    if sum(len(m._forward_pre_hooks) for m in model.modules()) != n_hooks:
+        raise AssertionError("close() left forward hooks on the model")
+    try:
+        opt.step()
+        raise AssertionError("step() after close() did not raise")
+    except RuntimeError as e:
+        if "closed" not in str(e):
+            raise AssertionError(f"unclear error after close(): {e}")
+    # Parameters are complete (every rank's shard gathered) and identical on all ranks.
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(everyone, flat)
+    for other in everyone:
+        torch.testing.assert_close(other, flat, rtol=0, atol=0)
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    if ref() is not None:
+        raise AssertionError("the closed optimizer is still referenced (hooks not removed?)")
+    dist.destroy_process_group(sub)
+    return {"closed": True}
+
+
+def rank_dies(rank, world):
+    """Not a parity check: rank 1 aborts mid-training, so the harness must report it instead of hanging."""
+    import os
+    model = mlp()
+    opt = ZeroOptimizer(model, stage=2, bucket_size=200)
+    if rank == 1:
+        os.abort()
+    opt.backward(model(torch.randn(LOCAL_BATCH, 16)).square().mean())
+    opt.step()
+    return {"unexpected": "rank 0 finished a step without its peer"}
+
+
 # Which scenarios run at which world size (1 rank: engine parity without communication).
 PARITY = ["mlp_s1", "mlp_s2", "gpt_s1", "gpt_s2", "mlp_ga_s1", "mlp_ga_s2", "mlp_clip_s1", "mlp_clip_s2",
           "mlp_groups_sched_s1", "mlp_groups_sched_s2", "gpt_ga_clip_s2", "encoder_s1", "encoder_s2", "special_s1", "special_s2",
@@ -539,7 +590,7 @@ LOW_PRECISION = ["bf16_s1", "bf16_s2", "bf16_offload_s2", "bf16_fp32_reduce_ga_s
 CHECKPOINT = ["checkpoint_s1", "checkpoint_s2", "checkpoint_bf16_s2"]
 ACCOUNTING = ["accounting_fp32_s1", "accounting_fp32_s2", "accounting_bf16_s1", "accounting_bf16_s2",
               "accounting_bf16_s2_ga"]
-FAILURES = ["mismatched_ranks", "collective_timeout"]           # the timeout breaks its group: keep it last
+FAILURES = ["close_releases_group", "mismatched_ranks", "collective_timeout"]           # the timeout breaks its group: keep it last
 
 SCENARIOS_BY_WORLD = {
     1: ["mlp_s1", "mlp_s2", "gpt_s2", "mlp_ga_s2", "special_s2", "bf16_s2", "checkpoint_s2",

@@ -12,6 +12,16 @@ On gloo the second is about twice as fast (bench/results/zero.md, 8 units of 8.4
 
 Every collective is launched with async_op=True and waited with a timeout; a timeout raises CollectiveTimeout
 naming the operation, the unit and its size instead of hanging.
+
+[Note: teardown]
+A gloo worker thread drops its reference to a finished collective (and so to the tensors, whose Python objects
+it must release under the GIL) a moment *after* wait() returns. If that moment falls after the interpreter has
+started finalizing, the thread cannot take the GIL, is unwound by pthread_exit inside a noexcept destructor,
+and the process dies with "terminate called without an active exception" (SIGABRT) - seen under CPU load when a
+process group outlived destroy_process_group() because something still referenced it. destroy_process_group()
+is safe: the group's destructor joins its worker threads with the GIL released. So the engine never keeps the
+default group alive (it stores None and lets torch resolve the current default group on each call), and
+ZeroOptimizer.close() drops an explicitly passed group together with its hooks.
 """
 from __future__ import annotations
 
@@ -60,12 +70,13 @@ class Collectives:
     """The collectives a ZeRO engine needs, over one process group."""
 
     def __init__(self, group=None, timeout_s: float = 1800.0, strategy: Optional[str] = None):
-        self.group = group if group is not None else dist.group.WORLD
+        self.group = group                 # None = the default group, never held here (see [Note: teardown])
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
         self.strategy = strategy or default_strategy(self.backend)
         self.timeout_s = timeout_s
+        self.closed = False
 
     def reduce(self, flat: torch.Tensor, shard_numel: int, what: str,
                out: Optional[torch.Tensor] = None) -> Pending:
@@ -74,6 +85,7 @@ class Collectives:
         With strategy all_reduce (or out=None under scatter_gather and an in-place capable backend) the shard
         is a view of `flat`; otherwise it is `out` (or a new tensor).
         """
+        self._check_open()
         lo = self.rank * shard_numel
         if self.world_size == 1:
             return Pending(None, flat[lo:lo + shard_numel], what, self.timeout_s)
@@ -87,11 +99,13 @@ class Collectives:
 
     def gather(self, flat: torch.Tensor, shard_numel: int, what: str) -> Pending:
         """Start filling every rank's part of `flat` from its owner (this rank's part is already current)."""
+        self._check_open()
         if self.world_size == 1:
             return Pending(None, flat, what, self.timeout_s)
         lo, hi = self.rank * shard_numel, (self.rank + 1) * shard_numel
         if self.strategy == "all_reduce":
-            ranks = dist.get_process_group_ranks(self.group)
+            ranks = (list(range(self.world_size)) if self.group is None
+                     else dist.get_process_group_ranks(self.group))
             works = [dist.broadcast(flat[r * shard_numel:(r + 1) * shard_numel], src=ranks[r], group=self.group,
                                     async_op=True) for r in range(self.world_size)]
             return Pending(works, flat, f"broadcast (gather) of {what}", self.timeout_s)
@@ -100,8 +114,19 @@ class Collectives:
         work = _all_gather(flat, src, group=self.group, async_op=True)
         return Pending(work, flat, f"all_gather of {what}", self.timeout_s)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("zerocore: this ZeroOptimizer was closed (close() drops its process group); "
+                               "create a new one to keep training")
+
+    def close(self) -> None:
+        """Forget the process group (the engine issues no collective afterwards)."""
+        self.group = None
+        self.closed = True
+
     def all_reduce_small(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """Sum a small tensor over ranks in place, synchronously, with the timeout."""
+        self._check_open()
         if self.world_size > 1:
             Pending(dist.all_reduce(t, group=self.group, async_op=True), t, what, self.timeout_s).wait()
         return t

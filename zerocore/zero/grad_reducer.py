@@ -5,7 +5,8 @@ Stage 2: a post-accumulate-grad hook on every trainable parameter packs its grad
 N, with the C++ pack op) into its unit's bucket and frees the full gradient at once. When the unit's last
 gradient has arrived the unit's reduction is launched asynchronously and overlaps the rest of backward; when it
 completes, this rank's reduced shard is copied (first micro-step) or added (later micro-steps) into the
-persistent shard store and the bucket goes back to a small pool.
+persistent shard store and the bucket goes back to a pool of same-sized slabs (on the host: each on its own
+mmap, see _host_buffer) that keeps as many as backward can have live, so steady-state steps allocate none.
 Stage 1: parameters' .grad are views of one persistent flat gradient buffer per unit, so autograd accumulates
 in place across micro-steps; on the last micro-step of an accumulation window each unit is reduced in place
 as soon as its gradients are complete (same hooks, no pack). If reduce_dtype differs from the gradients'
@@ -19,6 +20,7 @@ is recorded so the step can skip (like torch.optim) those that got none on any r
 """
 from __future__ import annotations
 
+import mmap
 from collections import deque
 from typing import Dict, List, Optional
 
@@ -31,23 +33,56 @@ from .collectives import Collectives
 from .units import Unit, unit_views
 
 
-class BucketPool:
-    """Reuses freed unit buckets (same size and dtype) so steady-state steps neither allocate nor fault pages."""
+def _host_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor on its own anonymous mmap, outside glibc's heap.
 
-    def __init__(self, max_free_bytes: int):
+    Why: a multi-MB torch.empty is mmapped by glibc, and freeing it raises glibc's *dynamic* mmap threshold to
+    its size; from then on every gradient and bucket of that size comes from the heap, where gradients (e.g.
+    16 MiB) and buckets (e.g. 16.8 MiB) of different sizes fragment it and the freed holes stay resident
+    (~90 MiB per rank in bench/results/zero.md). Buffers of our own never touch that threshold, and are
+    returned to the OS as soon as they are dropped.
+    """
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=numel)
+
+
+class BucketPool:
+    """Reuses freed unit buckets so steady-state steps neither allocate nor fault pages.
+
+    With `slab_numel` every request of up to that many elements is served by a view of one same-sized slab
+    (the biggest unit), so units of different sizes share slabs and the pool never holds more than
+    max_free_bytes // slab bytes of them. Host slabs of 1 MiB and more live on their own mmap (_host_buffer).
+    Without `slab_numel`, buffers are kept per exact (numel, dtype, device).
+    """
+
+    def __init__(self, max_free_bytes: int, slab_numel: Optional[int] = None):
         self.max_free_bytes = max_free_bytes
+        self.slab_numel = slab_numel
         self.free: Dict[tuple, List[torch.Tensor]] = {}
         self.free_bytes = 0
+        self.base_of: Dict[int, torch.Tensor] = {}    # data_ptr of a handed-out view -> its slab
+
+    def _alloc(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu" and numel * torch.empty((), dtype=dtype).element_size() >= (1 << 20):
+            return _host_buffer(numel, dtype)
+        return torch.empty(numel, dtype=dtype, device=device)
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        lst = self.free.get((numel, dtype, device))
+        size = self.slab_numel if self.slab_numel is not None and numel <= self.slab_numel else numel
+        lst = self.free.get((size, dtype, device))
         if lst:
             t = lst.pop()
             self.free_bytes -= t.numel() * t.element_size()
+        else:
+            t = self._alloc(size, dtype, device)
+        if size == numel:
             return t
-        return torch.empty(numel, dtype=dtype, device=device)
+        view = t[:numel]
+        self.base_of[view.data_ptr()] = t
+        return view
 
     def put(self, t: torch.Tensor) -> None:
+        t = self.base_of.pop(t.data_ptr(), t)
         nbytes = t.numel() * t.element_size()
         if self.free_bytes + nbytes <= self.max_free_bytes:
             self.free.setdefault((t.numel(), t.dtype, t.device), []).append(t)
@@ -55,6 +90,7 @@ class BucketPool:
 
     def clear(self) -> None:
         self.free.clear()
+        self.base_of.clear()
         self.free_bytes = 0
 
 
@@ -76,8 +112,11 @@ class GradReducer:
         # Buckets are pre-divided by N (keeps fp16 sums in range); the rest of the averaging is done by the step.
         self.pack_scale = 1.0 if self.in_place else 1.0 / self.world_size
         self.grad_divisor = accumulation_steps * (self.world_size if self.in_place else 1)
-        biggest = max((u.padded_numel for u in units), default=0) * torch.finfo(reduce_dtype).bits // 8
-        self.pool = BucketPool(max_free_bytes=max_inflight * biggest)
+        # Keep as many slabs as can be live at once (max_inflight reducing + one filling), so a steady-state
+        # backward allocates and frees no bucket at all (see _host_buffer for why that matters on the host).
+        slab = max((u.padded_numel for u in units), default=0)
+        self.pool = BucketPool(max_free_bytes=(max_inflight + 1) * slab * torch.finfo(reduce_dtype).bits // 8,
+                               slab_numel=slab)
         self.where = {}
         for u in units:
             for k, s in enumerate(u.slots):
@@ -106,6 +145,12 @@ class GradReducer:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    def drain(self) -> None:
+        """Wait for every reduction still in flight (only non-empty if a backward was interrupted)."""
+        while self.inflight:
+            _, pending = self.inflight.popleft()
+            pending.wait()
 
     def _reset_backward_state(self) -> None:
         n = len(self.units)

@@ -7,7 +7,8 @@ Formulas (Ψ trainable parameters, N ranks), model-state bytes per rank:
             stage 2  2Ψ + 14Ψ/N     (params 2Ψ, reduced grad shard 2Ψ/N, master 4Ψ/N, m+v 8Ψ/N)
 Stage 2 keeps the reduced grad shard in the reduce dtype when one micro-step makes a step; with
 gradient_accumulation_steps > 1 it accumulates in fp32 (so mixed stage 2 then holds 2Ψ + 16Ψ/N).
-CPU offload with fp32 params keeps a separate fp32 master copy in host memory (+4Ψ/N).
+CPU offload of a GPU model with fp32 params keeps a separate fp32 master copy in host memory (+4Ψ/N); on a
+CPU-only model the fp32 params are already host memory and serve as the masters (no extra copy).
 """
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ uses it starts, so the gathers overlap the next forward.
 """
 from __future__ import annotations
 
+import atexit
 import math
+import weakref
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -31,6 +33,12 @@ from .memory import formula_bytes, host_empty, storage_bytes
 from .units import Unit, build_units, materialize
 
 _FORMAT = "zerocore.zero/1"
+
+
+def _release_at_exit(ref) -> None:
+    opt = ref()
+    if opt is not None and not getattr(opt, "_closed", False):
+        opt._release()
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -120,8 +128,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             (lambda n, dt: torch.empty(n, dtype=dt, device=state_device))
         self.exp_avg = self._alloc(total, torch.float32).zero_()
         self.exp_avg_sq = self._alloc(total, torch.float32).zero_()
-        # fp32 params are their own masters; lower precision (or offload) keeps a separate fp32 shard.
-        self.master = self._alloc(total, torch.float32).zero_() if (self.mixed or self.offload) else None
+        # fp32 params are their own masters; lower precision keeps a separate fp32 shard, and so does offload of
+        # a GPU model (the master must live on the host). Offload of an fp32 model already on the host updates
+        # its parameter shards in place like the non-offload path: a second fp32 copy would only cost 4Ψ/N.
+        needs_master = self.mixed or (self.offload and self.device.type != "cpu")
+        self.master = self._alloc(total, torch.float32).zero_() if needs_master else None
         if self.master is not None:        # from the original values, before any cast to the compute dtype
             for u, off in zip(self.units, self.shard_offsets):
                 for s in u.owned_slots():
@@ -160,6 +171,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._deferred_step = False
         self._pending: Dict[int, object] = {}
         self._install_forward_hooks(model)
+        # If the program ends without close(), drop the hooks and the group before interpreter shutdown
+        # starts (see [Note: teardown] in collectives.py); a weak reference, so this keeps nothing alive.
+        atexit.register(_release_at_exit, weakref.ref(self))
         self._constructed = True
 
     # ---------------------------------------------------------------------------------------- construction
@@ -281,12 +295,42 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward() with the loss scale applied (fp16) and the engine's bookkeeping."""
+        self.comm._check_open()
         self.wait_for_params()
         before = self.reducer.micro_steps
         scale = self.loss_scaler.scale
         (loss * scale if scale != 1.0 else loss).backward()
         if self.reducer.micro_steps == before:       # no trainable parameter got a gradient: still take part
             self.reducer.end_backward()
+
+    def close(self) -> None:
+        """Finish in-flight collectives, remove the engine's hooks from the model and drop the process group.
+
+        Call it before torch.distributed.destroy_process_group() (or let the optimizer go out of scope first):
+        the hooks make the model reference the optimizer, so without close() an explicitly passed process group
+        would live on until interpreter shutdown, where gloo's worker threads can abort the process (see
+        [Note: teardown] in collectives.py). Parameters keep their current (gathered) values and stay usable;
+        the optimizer itself cannot step again. Idempotent.
+
+        >>> # ... training ...; opt.close(); dist.destroy_process_group()
+        """
+        if getattr(self, "_closed", False):
+            return
+        self.wait_for_params()
+        self.reducer.drain()
+        self._release()
+
+    def _release(self) -> None:
+        """Drop hooks, pooled buckets and the process group without waiting for anything."""
+        self.reducer.detach()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._pending.clear()
+        self.reducer.inflight.clear()
+        self.reducer.pool.clear()
+        self.comm.close()
+        self._closed = True
 
     def wait_for_params(self) -> None:
         """Wait for every in-flight parameter all-gather (forward does this per unit by itself)."""
@@ -307,6 +351,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Update on the last micro-step of an accumulation window; before that, just return."""
         if closure is not None:
             raise NotImplementedError("ZeroOptimizer.step does not take a closure: run forward/backward first")
+        self.comm._check_open()
         self.wait_for_params()
         r, cfg = self.reducer, self.config
         if r.micro_steps < cfg.gradient_accumulation_steps:
@@ -508,6 +553,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         report["formula"] = formula_bytes(self.config.stage, self.mixed, self.psi, self.world_size)
         report["note"] = ("stage 2 keeps the reduced gradient shard in the reduce dtype when "
                           "gradient_accumulation_steps == 1 and in fp32 when it is > 1; CPU offload of fp32 params "
-                          "keeps a separate fp32 master; pooled_buckets are transient reduction buffers")
+                          "of a GPU model keeps a separate fp32 master on the host (+4Ψ/N; on a CPU model the fp32 params are the "
+                          "masters); pooled_buckets (not part of the formula or model_states) are "
+                          "the reduction slabs kept between steps: at most (max_inflight_reductions + 1) x the "
+                          "biggest unit in the reduce dtype, the most that backward has live at once")
         return report
 
