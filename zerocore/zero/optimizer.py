@@ -28,6 +28,7 @@ from .collectives import Collectives
 from .config import ZeroConfig
 from .consistency import check_ranks_agree, describe
 from .grad_reducer import GradReducer
+from .host_malloc import choose_threshold, set_mmap_threshold
 from .loss_scaler import make_loss_scaler
 from .memory import formula_bytes, host_empty, storage_bytes
 from .units import Unit, build_units, materialize
@@ -148,6 +149,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._param_staging = self._alloc(total, self.compute_dtype) if (
             self.offload and self.device.type != "cpu") else None
 
+        self.host_mmap_threshold = self._apply_host_mmap_threshold(cfg.host_mmap_threshold, trainable)
+
         ga = cfg.gradient_accumulation_steps
         needs_store = cfg.stage == 2 or self.reduce_dtype != self.compute_dtype
         store_dtype = torch.float32 if ga > 1 else self.reduce_dtype
@@ -177,6 +180,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._constructed = True
 
     # ---------------------------------------------------------------------------------------- construction
+    def _apply_host_mmap_threshold(self, option, trainable) -> Optional[int]:
+        """Pin glibc's mmap threshold as the host_mmap_threshold option asks (see zero/host_malloc.py); returns
+        the bytes applied, None if malloc was left alone (option None, GPU model, small model, not glibc)."""
+        if option is None or self.device.type != "cpu":
+            return None
+        if option == "auto":
+            itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
+            option = choose_threshold(max(p.numel() for _, p in trainable) * itemsize)
+            if option is None:
+                return None
+        return option if set_mmap_threshold(option) else None
+
     def add_param_group(self, param_group: dict) -> None:
         """Used by torch.optim.Optimizer.__init__ only: units are fixed once built.
 
@@ -543,6 +558,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "optimizer_state": storage_bytes([self.exp_avg, self.exp_avg_sq]),
             "staging": storage_bytes([self._param_staging]),
             "pooled_buckets": self.reducer.pool.free_bytes,
+            "host_mmap_threshold": self.host_mmap_threshold,
             "psi": self.psi, "world_size": self.world_size,
             "padding_elements": sum(u.padded_numel - u.numel for u in self.units),
             "stage": self.config.stage, "mixed_precision": self.mixed, "offload": self.offload,
@@ -556,6 +572,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                           "of a GPU model keeps a separate fp32 master on the host (+4Ψ/N; on a CPU model the fp32 params are the "
                           "masters); pooled_buckets (not part of the formula or model_states) are "
                           "the reduction slabs kept between steps: at most (max_inflight_reductions + 1) x the "
-                          "biggest unit in the reduce dtype, the most that backward has live at once")
+                          "biggest unit in the reduce dtype, the most that backward has live at once; "
+                          "host_mmap_threshold: bytes at which this ZeroOptimizer pinned glibc's (process-wide) "
+                          "mmap threshold so freed gradient-sized host blocks return to the OS (None: malloc "
+                          "left alone)")
         return report
 
