@@ -108,9 +108,12 @@ def key_inputs(s: OpSpec) -> dict:
     }
 
 
+def _key_of(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_key(s: OpSpec) -> str:
-    blob = json.dumps(key_inputs(s), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return _key_of(key_inputs(s))
 
 
 def compatibility(s: OpSpec) -> Tuple[bool, str]:
@@ -222,8 +225,9 @@ def compile_in_process(s: OpSpec, build_dir: Path, verbose: bool) -> dict:
         raise OpBuildError(f"building op {s.name!r} in {build_dir} failed: {e}") from e
     # The key is taken after the build from the same files: a source edited during a long build yields a
     # marker that no longer matches, so the next load builds again rather than trusting a mixed binary.
+    inputs = key_inputs(s)
     return {
-        "name": s.name, "key": cache_key(s), "inputs": key_inputs(s), "file": module_name(s) + ".so",
+        "name": s.name, "key": _key_of(inputs), "inputs": inputs, "file": module_name(s) + ".so",
         "built_seconds": round(time.perf_counter() - started, 1), "features": features,
         "cxx": toolchain.cxx_version(), "nvcc": toolchain.nvcc_version()[0] if s.needs_cuda else None,
     }
@@ -239,17 +243,18 @@ def _load_file(s: OpSpec, path: Path):
     return torch.ops.zerocore
 
 
-def build_dir_for(s: OpSpec) -> Path:
-    return cache_root() / f"{s.name}-{cache_key(s)}"
+def build_dir_for(s: OpSpec, key: Optional[str] = None) -> Path:
+    """The cache folder of this op's build for `key` (default: the current sources' key)."""
+    return cache_root() / f"{s.name}-{key or cache_key(s)}"
 
 
-def prebuilt_status(s: OpSpec) -> Tuple[Optional[Path], str]:
+def prebuilt_status(s: OpSpec, key: Optional[str] = None) -> Tuple[Optional[Path], str]:
     """(path to a prebuilt library that matches this source and torch, or None; why it is not used)."""
     directory = prebuilt_root() / s.name
     marker = _read_marker(directory)
     if marker is None:
         return None, "no prebuilt library"
-    if marker.get("key") != cache_key(s):
+    if marker.get("key") != (key or cache_key(s)):
         theirs, ours = marker.get("inputs", {}), key_inputs(s)
         differ = sorted(k for k in ours if theirs.get(k) != ours[k])
         return None, f"prebuilt library is stale ({', '.join(differ) or 'key'} changed): rebuilt by JIT"
@@ -306,10 +311,11 @@ def load(name: str, verbose: bool = False):
     for dep in s.requires:
         load(dep, verbose)
     started = time.perf_counter()
-    path, _ = prebuilt_status(s)
+    key = cache_key(s)  # hashes the sources: once per load
+    path, _ = prebuilt_status(s, key)
     origin = "prebuilt"
     if path is None:
-        build_dir = build_dir_for(s)
+        build_dir = build_dir_for(s, key)
         origin = "cache"
         if _read_marker(build_dir) is None:  # cold cache: see [Note: concurrent first use]
             build_dir, compiled = _build_locked(s, verbose, force=False)
@@ -324,10 +330,6 @@ def load(name: str, verbose: bool = False):
     _load_seconds[name] = time.perf_counter() - started
     _load_origin[name] = f"{origin}: {path.parent}"
     return module
-
-
-def is_loaded(name: str) -> bool:
-    return name in _loaded
 
 
 def load_info(name: str) -> Tuple[Optional[float], Optional[str]]:
