@@ -32,20 +32,11 @@ CONFIGS = {
     "zero2_scatter_gather": {"stage": 2, "collective_strategy": "scatter_gather"},
     "zero2_no_overlap": {"stage": 2, "overlap_comm": False},
 }
-# The engine's host_mmap_threshold="auto" option (off by default): glibc's mmap threshold pinned at half the
-# biggest gradient (8 MiB here), so freed 16 MiB weight gradients are unmapped instead of fragmenting the heap.
+# Without the host block cache (host_block_cache=False: torch's allocator, i.e. glibc, serves every tensor), and
+# with one reduction in flight instead of two.
 for _n in ("zero1", "zero2", "zero2_offload"):
-    CONFIGS[_n + "_auto"] = dict(CONFIGS[_n], host_mmap_threshold="auto")
-# The same with glibc's mmap threshold pinned at 1 MiB (env MALLOC_MMAP_THRESHOLD_), so freed multi-MB buffers go
-# back to the OS instead of staying in a fragmented heap: shows how much of the peak RSS is allocator slack.
-for _n in ("ddp", "zero1", "zero2", "zero2_offload"):
-    CONFIGS[_n + "_mmap"] = dict(CONFIGS[_n], _env={"MALLOC_MMAP_THRESHOLD_": "1048576"})
-# Threshold 8 MiB (just below a 16 MiB weight gradient): only gradient-sized blocks are mmapped; optionally with
-# glibc's transparent-huge-page tunable, so each mmapped gradient faults in 2 MiB pages instead of 4 KiB ones.
-for _n in ("ddp", "zero1", "zero2", "zero2_offload"):
-    CONFIGS[_n + "_mmap8"] = dict(CONFIGS[_n], _env={"MALLOC_MMAP_THRESHOLD_": str(8 << 20)})
-    CONFIGS[_n + "_mmap8thp"] = dict(CONFIGS[_n], _env={"MALLOC_MMAP_THRESHOLD_": str(8 << 20),
-                                                         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    CONFIGS[_n + "_no_cache"] = dict(CONFIGS[_n], host_block_cache=False)
+    CONFIGS[_n + "_inflight1"] = dict(CONFIGS[_n], max_inflight_reductions=1)
 DEFAULT = ["ddp", "zero1", "zero2", "zero2_offload"]
 
 
@@ -84,7 +75,7 @@ def _worker(rank, world, port, name, steps, warmup, out):
             opt.step()
     else:
         from zerocore.zero import ZeroOptimizer
-        opt = ZeroOptimizer(model, lr=1e-4, **{k: v for k, v in CONFIGS[name].items() if k != "_env"})
+        opt = ZeroOptimizer(model, lr=1e-4, **CONFIGS[name])
 
         def step():
             opt.backward(model(x).square().mean())
@@ -130,14 +121,8 @@ def run_config(name, steps, warmup, world=2):
     q = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, name, steps, warmup, q)) for r in range(world)]
-    saved = dict(os.environ)
-    os.environ.update(CONFIGS[name].get("_env", {}))       # children inherit the environment at start
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    for p in procs:
+        p.start()
     res = [q.get(timeout=1200) for _ in procs]
     for p in procs:
         p.join(timeout=30)
@@ -243,7 +228,6 @@ def main():
                   f"peak {max(r['peak_mb'] for r in res):.0f} MB, idle {res[0]['idle_mb']:.0f} MB", file=sys.stderr)
     per_round = {n: [rr[0]["total_s"] / args.steps * 1e3 for rr in raw[n]] for n in names}
     ddp_ms = statistics.median(per_round["ddp"]) if "ddp" in raw else None
-    ddp_mmap_ms = statistics.median(per_round["ddp_mmap"]) if "ddp_mmap" in raw else ddp_ms
     print("| config | step ms (median of rounds) | x DDP | peak RSS MB/rank | idle MB | peak-idle MB | formula MB | "
           "(peak-idle)/formula | held model states MB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -253,8 +237,7 @@ def main():
         idle = statistics.median(r["idle_mb"] for rr in raw[n] for r in rr)
         f = raw[n][0][0]["formula_mb"]
         held = raw[n][0][0]["held_mb"]
-        base = ddp_mmap_ms if n.endswith("_mmap") else ddp_ms
-        ratio = f"{ms / base:.2f}" if base else "-"
+        ratio = f"{ms / ddp_ms:.2f}" if ddp_ms else "-"
         fr = f"{(peak - idle) / f:.2f}" if f else "-"
         print(f"| {n} | {ms:.0f} | {ratio} | {peak:.0f} | {idle:.0f} | {peak - idle:.0f} | "
               f"{f:.0f} | {fr} | {held:.0f} |" if f else

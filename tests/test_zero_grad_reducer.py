@@ -16,6 +16,16 @@ def test_reduction_paths_match_reference(scenario_results, world, name):
         assert v["rel_err"] <= max(Z.FP32_TOL, v.get("ddp_rel_err", 0.0))
 
 
+@pytest.mark.parametrize("world,name", cases(Z.REDUCED))
+def test_reduced_shards_equal_the_mean_gradient(scenario_results, world, name):
+    """Including a parameter whose gradient shares memory with another's (it reaches the loss through a view):
+    the direct reduction must not write into it in place."""
+    for v in values(scenario_results, world, name):
+        assert v["rel_err"] <= (Z.LOW_PRECISION_TOL if "fp16" in name else Z.FP32_TOL), v
+        if "direct" in name:
+            assert v["direct_units"] > 0, v
+
+
 def test_bucket_pool_reuses_and_bounds():
     pool = BucketPool(max_free_bytes=2 * 40)
     a = pool.get(10, torch.float32, torch.device("cpu"))

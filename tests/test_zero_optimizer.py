@@ -18,12 +18,16 @@ def test_fp32_parity_with_single_process_adamw(scenario_results, world, name):
         # <= 1e-5, or no worse than DDP measured in the same scenario
         assert v["rel_err"] <= max(Z.FP32_TOL, v.get("ddp_rel_err", 0.0)), v
         assert v["steps"] == 10
+        if "direct" in name:
+            assert v["direct_units"] > 0, v
 
 
 @pytest.mark.parametrize("world,name", cases(Z.LOW_PRECISION))
 def test_low_precision_against_fp32_reference(scenario_results, world, name):
     for v in values(scenario_results, world, name):
         assert v["rel_err"] <= Z.LOW_PRECISION_TOL, v
+        if "direct" in name:
+            assert v["direct_units"] > 0, v
         if name.startswith("fp16"):
             assert v["skipped"] == 1 and v["loss_scale"] == 2.0 ** 15, v
 

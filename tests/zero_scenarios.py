@@ -310,6 +310,85 @@ mlp_scatter_gather_s2 = _parity("mlp", 2, bucket_size=200, collective_strategy="
 mlp_scatter_gather_s1 = _parity("mlp", 1, bucket_size=200, collective_strategy="scatter_gather")
 
 
+def _direct(scenario):
+    """The scenario with stage 2's direct reduction (grad_reducer.py) for every parameter that is half of its
+    unit: its 1 MiB floor would leave these small test models on the bucket path. Reports how many units used it."""
+    def wrapped(rank, world):
+        from zerocore.zero import grad_reducer
+        plans, saved = [], (grad_reducer.DIRECT_MIN_BYTES, grad_reducer.plan_direct)
+        grad_reducer.DIRECT_MIN_BYTES = 0
+        grad_reducer.plan_direct = lambda unit, itemsize: plans.append(saved[1](unit, itemsize)) or plans[-1]
+        try:
+            result = dict(scenario(rank, world) or {})
+        finally:
+            grad_reducer.DIRECT_MIN_BYTES, grad_reducer.plan_direct = saved
+        result["direct_units"] = sum(p is not None for p in plans)
+        return result
+    return wrapped
+
+
+mlp_direct_s2 = _direct(mlp_s2)
+gpt_direct_s2 = _direct(gpt_s2)
+encoder_direct_s2 = _direct(encoder_s2)
+mlp_ga_direct_s2 = _direct(mlp_ga_s2)
+gpt_ga_clip_direct_s2 = _direct(gpt_ga_clip_s2)
+special_direct_s2 = _direct(special_s2)
+mlp_no_overlap_direct_s2 = _direct(mlp_no_overlap_s2)
+
+
+class ThroughAView(nn.Module):
+    """`pos` reaches the loss through a view, so autograd gives it a gradient that shares memory with the
+    gradient `proj` still has to read: a reduction that wrote into it in place would corrupt proj's."""
+    def __init__(self, seed=3):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj = nn.Linear(16, 64, bias=False)
+        self.pos = nn.Parameter(0.1 * torch.randn(LOCAL_BATCH * 64))
+
+    def forward(self, x):
+        return self.proj(x) + self.pos.view(LOCAL_BATCH, 64)
+
+
+def _reduced_gradients(dtype):
+    def scenario(rank, world):
+        """One backward: this rank's reduced gradient shards equal the mean of every rank's gradient."""
+        torch.manual_seed(7)
+        xs = [torch.randn(LOCAL_BATCH, 16) for _ in range(world)]
+        ref = ThroughAView()
+        if dtype is not None:                 # the reference starts from the same (rounded) weights
+            ref = ref.to(dtype).float()
+        grads = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+        for x in xs:
+            ref.zero_grad()
+            ref(x).square().mean().backward()
+            for n, p in ref.named_parameters():
+                grads[n] += p.grad / world
+        model = ThroughAView()
+        opt = ZeroOptimizer(model, stage=2, bucket_size=100, dtype=dtype, comm_timeout_s=60,
+                            loss_scale=None if dtype is None else 8.0)   # fp16: a static scale that cannot overflow
+        x = xs[rank] if dtype is None else xs[rank].to(dtype)
+        opt.backward(model(x).square().mean())
+        worst = 0.0
+        for unit, shard in zip(opt.units, opt.reducer.reduced_shards()):
+            for s in unit.owned_slots():
+                got = shard[s.shard_pos:s.shard_pos + s.owned_numel].float() / opt.loss_scale
+                want = grads[s.name].reshape(-1)[s.own_start:s.own_end]
+                err = ((got - want).norm() / want.norm()).item()
+                worst = max(worst, err if math.isfinite(err) else math.inf)
+        tol = FP32_TOL if dtype is None else LOW_PRECISION_TOL
+        if worst > tol:
+            raise AssertionError(f"reduced gradient rel err {worst:.3g} > {tol}")
+        opt.close()
+        return {"rel_err": worst}
+    return scenario
+
+
+reduced_gradients_through_a_view = _reduced_gradients(None)
+reduced_gradients_through_a_view_fp16 = _reduced_gradients(torch.float16)
+reduced_gradients_through_a_view_direct = _direct(reduced_gradients_through_a_view)
+reduced_gradients_through_a_view_fp16_direct = _direct(reduced_gradients_through_a_view_fp16)
+
+
 def special_untouched(rank, world):
     """Frozen and never-used parameters stay bit-identical; the odd/tiny ones are sharded and trained."""
     data = batches("special", world, 6)
@@ -398,6 +477,9 @@ def _fp16_overflow(stage):
 
 fp16_overflow_s1 = _fp16_overflow(1)
 fp16_overflow_s2 = _fp16_overflow(2)
+fp16_overflow_direct_s2 = _direct(fp16_overflow_s2)
+bf16_direct_s2 = _direct(bf16_s2)
+bf16_ga_direct_s2 = _direct(_low_precision(2, torch.bfloat16, micro=2))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -584,20 +666,26 @@ def rank_dies(rank, world):
 PARITY = ["mlp_s1", "mlp_s2", "gpt_s1", "gpt_s2", "mlp_ga_s1", "mlp_ga_s2", "mlp_clip_s1", "mlp_clip_s2",
           "mlp_groups_sched_s1", "mlp_groups_sched_s2", "gpt_ga_clip_s2", "encoder_s1", "encoder_s2", "special_s1", "special_s2",
           "mlp_offload_s1", "mlp_offload_s2", "mlp_no_overlap_s2", "mlp_scatter_gather_s1",
-          "mlp_scatter_gather_s2", "special_untouched"]
+          "mlp_scatter_gather_s2", "special_untouched", "mlp_direct_s2", "gpt_direct_s2", "encoder_direct_s2",
+          "mlp_ga_direct_s2", "gpt_ga_clip_direct_s2", "special_direct_s2", "mlp_no_overlap_direct_s2"]
 LOW_PRECISION = ["bf16_s1", "bf16_s2", "bf16_offload_s2", "bf16_fp32_reduce_ga_s1", "bf16_fp32_reduce_ga_s2",
-                 "bf16_offload_ga_s1", "fp32_bf16_reduce_s2", "fp16_overflow_s1", "fp16_overflow_s2"]
+                 "bf16_offload_ga_s1", "fp32_bf16_reduce_s2", "fp16_overflow_s1", "fp16_overflow_s2",
+                 "fp16_overflow_direct_s2", "bf16_direct_s2", "bf16_ga_direct_s2"]
 CHECKPOINT = ["checkpoint_s1", "checkpoint_s2", "checkpoint_bf16_s2"]
 ACCOUNTING = ["accounting_fp32_s1", "accounting_fp32_s2", "accounting_bf16_s1", "accounting_bf16_s2",
               "accounting_bf16_s2_ga"]
+REDUCED = ["reduced_gradients_through_a_view", "reduced_gradients_through_a_view_fp16",
+           "reduced_gradients_through_a_view_direct", "reduced_gradients_through_a_view_fp16_direct"]
 FAILURES = ["close_releases_group", "mismatched_ranks", "collective_timeout"]           # the timeout breaks its group: keep it last
 
 SCENARIOS_BY_WORLD = {
     1: ["mlp_s1", "mlp_s2", "gpt_s2", "mlp_ga_s2", "special_s2", "bf16_s2", "checkpoint_s2",
-        "accounting_fp32_s2"],
-    2: PARITY + LOW_PRECISION + CHECKPOINT + ACCOUNTING + FAILURES,
+        "accounting_fp32_s2", "mlp_ga_direct_s2"],
+    2: PARITY + LOW_PRECISION + CHECKPOINT + ACCOUNTING + REDUCED + FAILURES,
     4: ["mlp_s1", "mlp_s2", "gpt_s1", "gpt_s2", "mlp_ga_s2", "mlp_clip_s2", "mlp_groups_sched_s2", "special_s1",
-        "special_s2", "bf16_s2", "checkpoint_s2", "accounting_fp32_s1", "accounting_bf16_s2", "mismatched_ranks"],
+        "special_s2", "bf16_s2", "checkpoint_s2", "accounting_fp32_s1", "accounting_bf16_s2", "mlp_direct_s2",
+        "gpt_ga_clip_direct_s2", "special_direct_s2", "fp16_overflow_direct_s2", "reduced_gradients_through_a_view_direct",
+        "reduced_gradients_through_a_view_fp16_direct", "mismatched_ranks"],
 }
 
 

@@ -2,7 +2,7 @@
 
 >>> import zerocore.ops
 >>> sorted(zerocore.ops.available())
-['aio', 'buckets', 'cpu_adam', 'cuda_adam', 'cuda_buckets']
+['aio', 'buckets', 'cpu_adam', 'cuda_adam', 'cuda_buckets', 'host_cache']
 >>> zerocore.ops.spec("cuda_adam").needs_cuda
 True
 """

@@ -53,6 +53,21 @@ def pack(srcs: Sequence[torch.Tensor], dst: torch.Tensor, offsets: Optional[Sequ
     return dst
 
 
+def is_sole_owner(t: torch.Tensor) -> bool:
+    """Whether `t` is contiguous and the only tensor using any of its storage, so writing into it in place
+    cannot change another tensor (e.g. a gradient that autograd built as a view of another node's gradient).
+
+    >>> import torch, zerocore.ops.buckets as B
+    >>> a = torch.randn(4)
+    >>> B.is_sole_owner(a), B.is_sole_owner(a[:2])
+    (True, False)
+    >>> v = a.view(2, 2); B.is_sole_owner(a)       # a view shares a's storage
+    False
+    """
+    _ensure_loaded(torch.device("cpu"))
+    return bool(torch.ops.zerocore.is_sole_owner(t))
+
+
 def unpack(src: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Optional[Sequence[int]] = None,
            scale: float = 1.0) -> None:
     """Copy slices of one flat tensor out into many tensors, casting and scaling.

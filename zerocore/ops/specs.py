@@ -61,7 +61,7 @@ SPECS = {
         ),
         OpSpec(
             name="buckets",
-            sources=("buckets/pack_kernels.cpp", "buckets/pack_op.cpp"),
+            sources=("buckets/pack_kernels.cpp", "buckets/pack_op.cpp", "buckets/storage_op.cpp"),
             description="multi-tensor pack/unpack of gradient buckets with cast and scale (CPU)",
         ),
         OpSpec(
@@ -71,6 +71,12 @@ SPECS = {
             cuda_cflags=_CUDA_EXACT_FLAGS,
             requires=("buckets",),
             description="multi-tensor pack/unpack of gradient buckets (CUDA)",
+        ),
+        OpSpec(
+            name="host_cache",
+            sources=("memory/block_cache.cpp", "memory/host_allocator_bindings.cpp"),
+            python_module=True,
+            description="torch's CPU allocator with large blocks cached by size (steady-state host training)",
         ),
         OpSpec(
             name="aio",

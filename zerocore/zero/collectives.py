@@ -87,15 +87,22 @@ class Collectives:
         """
         self._check_open()
         lo = self.rank * shard_numel
-        if self.world_size == 1:
-            return Pending(None, flat[lo:lo + shard_numel], what, self.timeout_s)
-        if self.strategy == "all_reduce":
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
-            return Pending(work, flat[lo:lo + shard_numel], f"all_reduce (reduction) of {what}", self.timeout_s)
+        if self.world_size == 1 or self.strategy == "all_reduce":
+            pending = self.all_reduce(flat, what)
+            pending.result = flat[lo:lo + shard_numel]
+            return pending
         if out is None:
             out = torch.empty(shard_numel, dtype=flat.dtype, device=flat.device)
         work = _reduce_scatter(out, flat, group=self.group, async_op=True)
         return Pending(work, out, f"reduce_scatter of {what}", self.timeout_s)
+
+    def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
+        """Start summing `t` over ranks in place; wait() gives `t`."""
+        self._check_open()
+        if self.world_size == 1:
+            return Pending(None, t, what, self.timeout_s)
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+        return Pending(work, t, f"all_reduce (reduction) of {what}", self.timeout_s)
 
     def gather(self, flat: torch.Tensor, shard_numel: int, what: str) -> Pending:
         """Start filling every rank's part of `flat` from its owner (this rank's part is already current)."""

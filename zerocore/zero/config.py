@@ -46,12 +46,11 @@ class ZeroConfig:
         a number = static scale.
     comm_timeout_s: seconds any collective may take before it raises an error naming the operation.
     max_inflight_reductions: stage 2: units whose reduction may be in flight at once (bounds bucket memory).
-    host_mmap_threshold: host (CPU) models only, a process-wide glibc malloc setting (zero/host_malloc.py).
-        None (default) leaves malloc alone. "auto" pins glibc's mmap threshold at half the biggest trainable
-        parameter's gradient when that is >= 1 MiB, so freed gradient-sized blocks go back to the OS instead of
-        fragmenting the heap; an int pins that many bytes (<= 32 MiB). Measured (bench/results/zero.md): -80 to
-        -95 MiB peak RSS per rank, but +10-40 % step time (every big gradient is page-faulted afresh), so
-        it is a choice for memory-bound runs, not the default.
+    host_block_cache: models on the host (CPU training): while this optimizer is open, serve CPU tensors of
+        1 MiB and more from zerocore's block cache (zerocore/zero/host_memory.py), which reuses freed blocks by
+        size, like torch's CUDA caching allocator does on the GPU. Measured on the bench MLP
+        (bench/results/zero.md): 100-140 MiB less peak RSS per rank and no slower (glibc's heap keeps
+        autograd's freed gradients resident; fresh mmaps fault them in every step). False leaves torch's allocator alone.
     """
     stage: int = 2
     lr: float = 1e-3
@@ -75,7 +74,7 @@ class ZeroConfig:
     comm_timeout_s: float = 1800.0
     max_inflight_reductions: int = 2
     collective_strategy: Optional[str] = None
-    host_mmap_threshold: Union[None, int, str] = None
+    host_block_cache: bool = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -114,10 +113,8 @@ class ZeroConfig:
         _positive("comm_timeout_s", self.comm_timeout_s)
         if self.max_inflight_reductions < 1:
             raise ValueError(f"max_inflight_reductions={self.max_inflight_reductions} must be >= 1")
-        if not (self.host_mmap_threshold is None or self.host_mmap_threshold == "auto" or (
-                isinstance(self.host_mmap_threshold, int) and not isinstance(self.host_mmap_threshold, bool) and 0 < self.host_mmap_threshold <= 32 << 20)):
-            raise ValueError(f"host_mmap_threshold={self.host_mmap_threshold!r}: use 'auto', None (leave malloc "
-                             "alone) or a number of bytes in 1..33554432")
+        if not isinstance(self.host_block_cache, bool):
+            raise ValueError(f"host_block_cache={self.host_block_cache!r} must be True or False")
         if self.collective_strategy not in (None, "all_reduce", "scatter_gather"):
             raise ValueError(f"collective_strategy={self.collective_strategy!r}: use None (choose per backend), "
                              "'all_reduce' or 'scatter_gather'")

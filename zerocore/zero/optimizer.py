@@ -28,7 +28,7 @@ from .collectives import Collectives
 from .config import ZeroConfig
 from .consistency import check_ranks_agree, describe
 from .grad_reducer import GradReducer
-from .host_malloc import choose_threshold, set_mmap_threshold
+from . import host_memory
 from .loss_scaler import make_loss_scaler
 from .memory import formula_bytes, host_empty, storage_bytes
 from .units import Unit, build_units, materialize
@@ -149,49 +149,49 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._param_staging = self._alloc(total, self.compute_dtype) if (
             self.offload and self.device.type != "cpu") else None
 
-        self.host_mmap_threshold = self._apply_host_mmap_threshold(cfg.host_mmap_threshold, trainable)
+        # From here on the engine's and autograd's large host tensors come from the block cache (host_memory.py).
+        self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
 
-        ga = cfg.gradient_accumulation_steps
-        needs_store = cfg.stage == 2 or self.reduce_dtype != self.compute_dtype
-        store_dtype = torch.float32 if ga > 1 else self.reduce_dtype
-        self.grad_store = self._alloc(total, store_dtype).zero_() if needs_store else None
-        self.reducer = GradReducer(self.units, self.comm, stage=cfg.stage, grad_dtype=self.compute_dtype,
-                                   reduce_dtype=self.reduce_dtype, accumulation_steps=ga,
-                                   overlap=cfg.overlap_comm, max_inflight=cfg.max_inflight_reductions,
-                                   shard_store=self.grad_store, shard_offsets=self.shard_offsets,
-                                   num_params=len(trainable))
-        self.reducer.attach()
+        try:
+            ga = cfg.gradient_accumulation_steps
+            needs_store = cfg.stage == 2 or self.reduce_dtype != self.compute_dtype
+            store_dtype = torch.float32 if ga > 1 else self.reduce_dtype
+            self.grad_store = self._alloc(total, store_dtype).zero_() if needs_store else None
+            self.reducer = GradReducer(self.units, self.comm, stage=cfg.stage, grad_dtype=self.compute_dtype,
+                                       reduce_dtype=self.reduce_dtype, accumulation_steps=ga,
+                                       overlap=cfg.overlap_comm, max_inflight=cfg.max_inflight_reductions,
+                                       shard_store=self.grad_store, shard_offsets=self.shard_offsets,
+                                       num_params=len(trainable))
+            self.reducer.attach()
 
-        by_name = dict(trainable)
-        torch_groups = [dict(g, params=[by_name[n] for n in g["param_names"]]) for g in groups]
-        super().__init__(torch_groups, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                            weight_decay=cfg.weight_decay))
-        self.loss_scaler = make_loss_scaler(cfg)
-        self.param_steps = [0] * len(trainable)
-        self.global_grad_norm: Optional[float] = None
-        self.skipped_steps = 0
-        self.global_steps = 0
-        self._deferred_step = False
-        self._pending: Dict[int, object] = {}
-        self._install_forward_hooks(model)
-        # If the program ends without close(), drop the hooks and the group before interpreter shutdown
-        # starts (see [Note: teardown] in collectives.py); a weak reference, so this keeps nothing alive.
-        atexit.register(_release_at_exit, weakref.ref(self))
+            by_name = dict(trainable)
+            torch_groups = [dict(g, params=[by_name[n] for n in g["param_names"]]) for g in groups]
+            super().__init__(torch_groups, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                                weight_decay=cfg.weight_decay))
+            self.loss_scaler = make_loss_scaler(cfg)
+            self.param_steps = [0] * len(trainable)
+            self.global_grad_norm: Optional[float] = None
+            self.skipped_steps = 0
+            self.global_steps = 0
+            self._deferred_step = False
+            self._pending: Dict[int, object] = {}
+            self._install_forward_hooks(model)
+            # If the program ends without close(), drop the hooks and the group before interpreter shutdown
+            # starts (see [Note: teardown] in collectives.py); a weak reference, so this keeps nothing alive.
+            atexit.register(_release_at_exit, weakref.ref(self))
+        except BaseException:
+            # A half-built optimizer must not leave hooks on the model or hold the process-wide cache.
+            if hasattr(self, "reducer"):
+                self.reducer.detach()
+            for h in getattr(self, "_hooks", []):
+                h.remove()
+            if self._uses_host_cache:
+                self._uses_host_cache = False
+                host_memory.release()
+            raise
         self._constructed = True
 
     # ---------------------------------------------------------------------------------------- construction
-    def _apply_host_mmap_threshold(self, option, trainable) -> Optional[int]:
-        """Pin glibc's mmap threshold as the host_mmap_threshold option asks (see zero/host_malloc.py); returns
-        the bytes applied, None if malloc was left alone (option None, GPU model, small model, not glibc)."""
-        if option is None or self.device.type != "cpu":
-            return None
-        if option == "auto":
-            itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
-            option = choose_threshold(max(p.numel() for _, p in trainable) * itemsize)
-            if option is None:
-                return None
-        return option if set_mmap_threshold(option) else None
-
     def add_param_group(self, param_group: dict) -> None:
         """Used by torch.optim.Optimizer.__init__ only: units are fixed once built.
 
@@ -335,6 +335,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reducer.drain()
         self._release()
 
+    def __del__(self):
+        # An optimizer dropped without close() (its hooks gone with the model) still gives back its share of the
+        # process-wide host block cache.
+        try:
+            if getattr(self, "_uses_host_cache", False):
+                self._uses_host_cache = False
+                host_memory.release()
+        except Exception:     # interpreter shutdown: modules may already be gone; nothing left to give back
+            pass
+
     def _release(self) -> None:
         """Drop hooks, pooled buckets and the process group without waiting for anything."""
         self.reducer.detach()
@@ -345,6 +355,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reducer.inflight.clear()
         self.reducer.pool.clear()
         self.comm.close()
+        if self._uses_host_cache:
+            host_memory.release()
+            self._uses_host_cache = False
         self._closed = True
 
     def wait_for_params(self) -> None:
@@ -373,6 +386,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._deferred_step = r.micro_steps > 0
             return None
         self._deferred_step = False
+        if self._uses_host_cache:
+            host_memory.end_step()
         if self._wait_map is None:
             self._build_wait_map()
         if self.device.type == "cuda":
@@ -558,7 +573,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "optimizer_state": storage_bytes([self.exp_avg, self.exp_avg_sq]),
             "staging": storage_bytes([self._param_staging]),
             "pooled_buckets": self.reducer.pool.free_bytes,
-            "host_mmap_threshold": self.host_mmap_threshold,
+            "host_block_cache": host_memory.report() if self._uses_host_cache else None,
             "psi": self.psi, "world_size": self.world_size,
             "padding_elements": sum(u.padded_numel - u.numel for u in self.units),
             "stage": self.config.stage, "mixed_precision": self.mixed, "offload": self.offload,
@@ -572,9 +587,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                           "of a GPU model keeps a separate fp32 master on the host (+4Ψ/N; on a CPU model the fp32 params are the "
                           "masters); pooled_buckets (not part of the formula or model_states) are "
                           "the reduction slabs kept between steps: at most (max_inflight_reductions + 1) x the "
-                          "biggest unit in the reduce dtype, the most that backward has live at once; "
-                          "host_mmap_threshold: bytes at which this ZeroOptimizer pinned glibc's (process-wide) "
-                          "mmap threshold so freed gradient-sized host blocks return to the OS (None: malloc "
-                          "left alone)")
+                          "biggest bucket in the reduce dtype (a unit, or on gloo the part of a unit that is not "
+                          "reduced directly), the most that backward has live at once; "
+                          "host_block_cache: counters of the process's host block cache while this optimizer "
+                          "uses it (None: torch's allocator), live_bytes including the buffers above")
         return report
 
