@@ -90,3 +90,40 @@ def test_stage1_grads_are_views_of_flat_buffers(single_rank_group):
     opt.step()
     opt.backward(m(torch.randn(3, 8)).sum())
     assert all(p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in m.parameters())
+
+
+def test_direct_reduction_leaves_a_gradient_kept_by_a_user_hook_alone(single_rank_group, monkeypatch):
+    """A hook registered before the engine's may keep the parameter's gradient tensor: the direct reduction must
+    neither write into it nor free its memory (it copies it instead)."""
+    from zerocore.zero import grad_reducer
+    monkeypatch.setattr(grad_reducer, "DIRECT_MIN_BYTES", 0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 128, bias=False)
+    kept = []
+    model.weight.register_post_accumulate_grad_hook(lambda p: kept.append((p.grad, p.grad.clone())))
+    opt = ZeroOptimizer(model, stage=2, bucket_size=100)
+    assert any(plan is not None for plan in opt.reducer.plans)
+    for _ in range(2):
+        opt.backward(model(torch.randn(8, 64)).square().mean())
+        opt.step()
+        opt.zero_grad()
+    assert opt.reducer.direct_copies == 2          # the kept gradient was copied, once per step
+    opt.close()
+    assert len(kept) == 2
+    for grad, copy in kept:
+        assert grad.untyped_storage().nbytes() == grad.nbytes    # not freed under the hook's feet
+        assert torch.equal(grad, copy)
+
+
+def test_direct_reduction_copies_nothing_in_the_common_case(single_rank_group):
+    """Autograd's own weight gradients are reduced where they are (the memory saving of the direct path)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
+    opt = ZeroOptimizer(model, stage=2, bucket_size=100)
+    assert sum(plan is not None for plan in opt.reducer.plans) == 2     # both 2 MiB weights
+    for _ in range(2):
+        opt.backward(model(torch.randn(8, 512)).square().mean())
+        opt.step()
+        opt.zero_grad()
+    assert opt.reducer.direct_copies == 0
+    opt.close()

@@ -1,9 +1,10 @@
-// zerocore::is_sole_owner: whether a tensor is the only user of all of its storage.
+// zerocore::ownership: who else uses a tensor's memory, for zerocore.ops.buckets.is_sole_owner.
 //
-// Stage 2's direct reduction (zerocore/zero/grad_reducer.py) sums autograd's gradient tensor in place. Autograd
-// may hand a parameter a gradient that is a view of another node's gradient (a parameter that reaches the loss
-// through view/reshape/narrow), which other backward nodes still read; writing into it would corrupt their
-// results. Python cannot see storage reference counts, so this asks c10 directly.
+// Stage 2's direct reduction (zerocore/zero/grad_reducer.py) sums autograd's gradient tensor in place and then
+// frees its memory. Autograd may hand a parameter a gradient that is a view of another node's gradient (a
+// parameter that reaches the loss through view/reshape/narrow), which other backward nodes still read; a hook
+// registered before ours may keep the very same tensor; a custom backward may return memory torch does not own
+// (from_numpy, from_blob). Python cannot see reference counts, so this reports them from c10.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -11,11 +12,16 @@
 namespace zerocore {
 namespace {
 
-bool is_sole_owner(const at::Tensor& t) {
-  if (!t.defined() || !t.has_storage() || !t.is_contiguous() || t.storage_offset() != 0) return false;
+// [references to this tensor object, references to its storage, 1 if the tensor is contiguous and covers all
+// of a resizable storage (memory torch allocated and may free) else 0]. The first count includes the
+// references the op call itself holds, so callers compare it with the count of a fresh tensor.
+std::vector<int64_t> ownership(const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage()) return {0, 0, 0};
   const c10::Storage& storage = t.storage();
-  // One reference: this tensor's own. Other tensors (views included) and Python storage objects add one each.
-  return storage.use_count() == 1 && storage.nbytes() == t.nbytes();
+  const bool whole = t.is_contiguous() && t.storage_offset() == 0 && storage.nbytes() == t.nbytes() &&
+                     storage.resizable();
+  return {static_cast<int64_t>(c10::raw::intrusive_ptr::use_count(t.unsafeGetTensorImpl())),
+          static_cast<int64_t>(storage.use_count()), whole ? 1 : 0};
 }
 
 }  // namespace
@@ -23,5 +29,5 @@ bool is_sole_owner(const at::Tensor& t) {
 
 TORCH_LIBRARY_FRAGMENT(zerocore, m) {
   // A catch-all kernel: the answer does not depend on the device.
-  m.def("is_sole_owner(Tensor t) -> bool", &zerocore::is_sole_owner);
+  m.def("ownership(Tensor t) -> int[]", &zerocore::ownership);
 }

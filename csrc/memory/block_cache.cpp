@@ -56,8 +56,9 @@ void BlockCache::note_live(void* ptr, size_t bytes) {
   window_peak_ = std::max(window_peak_, stats_.live_bytes);
 }
 
-void* BlockCache::acquire(size_t nbytes) {
+void* BlockCache::acquire(size_t nbytes, size_t* block_bytes) {
   const size_t bytes = block_size(nbytes);
+  if (block_bytes != nullptr) *block_bytes = bytes;
   std::vector<std::pair<void*, size_t>> to_unmap;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -69,12 +70,17 @@ void* BlockCache::acquire(size_t nbytes) {
       cached_.erase(it);
       stats_.cached_bytes -= block;
       ++stats_.hits;
+      if (block_bytes != nullptr) *block_bytes = block;
       return ptr;
     }
     evict_for(bytes, to_unmap);
   }
   unmap_all(to_unmap);
   void* ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (ptr == MAP_FAILED) {  // out of memory or mappings: give back what is cached and try once more
+    empty();
+    ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  }
   ZC_CHECK_ERRNO(ptr != MAP_FAILED, "cannot map a host block of ", bytes, " bytes (mmap)",
                  errno == ENOMEM ? "; out of host memory: reduce the batch or model size, or free host memory" : "");
 #ifdef MADV_HUGEPAGE

@@ -44,9 +44,10 @@ class BlockCache {
   BlockCache(const BlockCache&) = delete;
   BlockCache& operator=(const BlockCache&) = delete;
 
-  // A page-aligned block of at least `nbytes` (> 0). Throws std::runtime_error naming the size if the
-  // mapping fails.
-  void* acquire(size_t nbytes);
+  // A page-aligned block of at least `nbytes` (> 0); its real size goes to *block_bytes when given. If a new
+  // mapping fails, the cached blocks are unmapped and it is tried once more; then std::runtime_error names
+  // the size.
+  void* acquire(size_t nbytes, size_t* block_bytes = nullptr);
   // Gives back a block from acquire() and returns its size (0 for a pointer it never handed out). Never
   // throws (called from tensor deleters): a failed munmap is counted in unmap_failures() and reported to stderr.
   size_t release(void* ptr) noexcept;

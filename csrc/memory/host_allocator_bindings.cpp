@@ -39,8 +39,9 @@ class CachingHostAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     if (n < min_block_bytes_.load(std::memory_order_relaxed)) return fallback_->allocate(n);
-    void* ptr = cache().acquire(n);
-    report(ptr, static_cast<int64_t>(BlockCache::block_size(n)));
+    size_t block_bytes = 0;
+    void* ptr = cache().acquire(n, &block_bytes);
+    report(ptr, static_cast<int64_t>(block_bytes));
     return {ptr, ptr, &release_block, c10::Device(c10::DeviceType::CPU)};
   }
 

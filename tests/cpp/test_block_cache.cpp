@@ -38,6 +38,10 @@ ZC_TEST(block_size_is_whole_pages) {
   BlockCache cache;
   CHECK_THROWS(cache.acquire(0), "0 bytes");
   CHECK_THROWS(cache.acquire(SIZE_MAX), "bytes");
+  void* kept = cache.acquire(MiB);
+  cache.release(kept);
+  CHECK_THROWS(cache.acquire(size_t{1} << 50), "cannot map a host block");   // 1 PiB: beyond the address space
+  CHECK(cache.stats().cached_bytes == 0);   // the failed attempt gave back what was cached before retrying
 }
 
 ZC_TEST(never_maps_beyond_the_peak_of_live_bytes) {
@@ -70,8 +74,9 @@ ZC_TEST(a_request_takes_the_smallest_block_up_to_twice_its_size) {
   cache.release(mid);
   void* x = cache.acquire(9 * MiB);         // 10 and 16 both fit; the smaller is taken
   CHECK(x == mid);
-  void* y = cache.acquire(8 * MiB);         // 16 is exactly twice 8: taken
-  CHECK(y == big);
+  size_t got = 0;
+  void* y = cache.acquire(8 * MiB, &got);   // 16 is exactly twice 8: taken, and its real size reported
+  CHECK(y == big && got == 16 * MiB);
   CHECK(cache.release(y) == 16 * MiB);      // a block keeps its own size
   cache.release(x);
 }

@@ -53,9 +53,13 @@ def pack(srcs: Sequence[torch.Tensor], dst: torch.Tensor, offsets: Optional[Sequ
     return dst
 
 
+_FRESH_TENSOR_REFS: Optional[int] = None
+
+
 def is_sole_owner(t: torch.Tensor) -> bool:
-    """Whether `t` is contiguous and the only tensor using any of its storage, so writing into it in place
-    cannot change another tensor (e.g. a gradient that autograd built as a view of another node's gradient).
+    """Whether writing into `t` in place and then freeing its memory cannot affect anything else: `t` is
+    contiguous, covers all of a storage torch allocated, no other tensor (a view included) uses that storage and
+    no one else holds this tensor object (e.g. a hook that kept a parameter's .grad).
 
     >>> import torch, zerocore.ops.buckets as B
     >>> a = torch.randn(4)
@@ -63,9 +67,15 @@ def is_sole_owner(t: torch.Tensor) -> bool:
     (True, False)
     >>> v = a.view(2, 2); B.is_sole_owner(a)       # a view shares a's storage
     False
+    >>> import numpy; B.is_sole_owner(torch.from_numpy(numpy.zeros(4)))   # numpy owns that memory
+    False
     """
+    global _FRESH_TENSOR_REFS
     _ensure_loaded(torch.device("cpu"))
-    return bool(torch.ops.zerocore.is_sole_owner(t))
+    if _FRESH_TENSOR_REFS is None:          # what the op call itself adds to a tensor's reference count
+        _FRESH_TENSOR_REFS = torch.ops.zerocore.ownership(torch.empty(1))[0]
+    tensor_refs, storage_refs, whole = torch.ops.zerocore.ownership(t)
+    return whole == 1 and storage_refs == 1 and tensor_refs == _FRESH_TENSOR_REFS
 
 
 def unpack(src: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Optional[Sequence[int]] = None,

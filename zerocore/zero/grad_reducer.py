@@ -27,6 +27,7 @@ is recorded so the step can skip (like torch.optim) those that got none on any r
 from __future__ import annotations
 
 import mmap
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -152,6 +153,7 @@ class GradReducer:
         self.plans: List[Optional[DirectPlan]] = [plan_direct(u, itemsize) if can_direct else None for u in units]
         # fp16 gradients are pre-divided by N before they are summed (range); others are scaled when copied out.
         self.direct_prescale = grad_dtype == torch.float16
+        self.direct_copies = 0          # directly reduced gradients that had to be copied first (shared memory)
         # Keep as many slabs as can be live at once (max_inflight reducing + one filling), so a steady-state
         # backward allocates and frees no bucket at all (see _host_buffer for why that matters on the host).
         slab = max((u.padded_numel if plan is None else plan.rest_numel for u, plan in zip(units, self.plans)),
@@ -242,7 +244,10 @@ class GradReducer:
             p.grad = None                # the full gradient lives only until it is packed (or reduced directly)
             plan = self.plans[u]
             if plan is not None and k in plan.direct:
-                self._hold(u, k, grad)
+                # 2 = this variable and getrefcount's argument: no hook before ours kept the tensor. (Its own
+                # statement: inside the call below the positional `grad` would already count once more.)
+                kept_elsewhere = sys.getrefcount(grad) > 2
+                self._hold(u, k, grad, kept_elsewhere)
             else:
                 bucket = self._bucket(unit)
                 offset = slot.offset if plan is None else plan.rest_offsets[k]
@@ -256,15 +261,19 @@ class GradReducer:
             self._launch_ready()
         self._poll()
 
-    def _hold(self, u: int, k: int, grad: torch.Tensor) -> None:
+    def _hold(self, u: int, k: int, grad: torch.Tensor, kept_elsewhere: bool) -> None:
         scale = self.pack_scale if self.direct_prescale else 1.0
         held = self.held[u].get(k)
         if held is not None:             # a second gradient in this pass (e.g. reentrant checkpointing)
             held.add_(grad.reshape(-1), alpha=scale)
             return
-        # Reduced in place, so it must be ours alone: usually autograd's fresh tensor, but a parameter reached
-        # through a view gets a view of a gradient that other backward nodes still read; that one is copied.
-        g = (grad if bucket_ops.is_sole_owner(grad) else grad.clone(memory_format=torch.contiguous_format)).view(-1)
+        # Reduced in place and freed afterwards, so it must be ours alone: usually autograd's fresh tensor, but a
+        # parameter reached through a view gets a view of a gradient other backward nodes still read, and a hook
+        # may have kept the tensor; those are copied.
+        if kept_elsewhere or not bucket_ops.is_sole_owner(grad):
+            grad = grad.clone(memory_format=torch.contiguous_format)
+            self.direct_copies += 1
+        g = grad.view(-1)
         if scale != 1.0:
             g.mul_(scale)
         self.held[u][k] = g
