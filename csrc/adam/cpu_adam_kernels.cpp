@@ -292,8 +292,7 @@ struct Ops {
   static V sqrt(V a) { return _mm256_sqrt_ps(a); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load(const bf16_t* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    return simd::avx2_bf16_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static V load(const fp16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // Round to nearest even, as float_to_bf16 does.
@@ -321,8 +320,7 @@ struct Ops {
   static V sqrt(V a) { return _mm512_sqrt_ps(a); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load(const bf16_t* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    return simd::avx512_bf16_to_float(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static V load(const fp16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

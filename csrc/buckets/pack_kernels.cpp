@@ -82,7 +82,7 @@ ZC_TARGET_AVX512 inline __m512 avx512_load(const void* base, std::int64_t i) {
   } else {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const std::uint16_t*>(base) + i));
     if constexpr (T == FloatType::kBFloat16) {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      return simd::avx512_bf16_to_float(h);
     } else {
       return _mm512_cvtph_ps(h);
     }
@@ -128,7 +128,7 @@ ZC_TARGET_AVX2 inline __m256 avx2_load(const void* base, std::int64_t i) {
   } else {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(base) + i));
     if constexpr (T == FloatType::kBFloat16) {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      return simd::avx2_bf16_to_float(h);
     } else {
       return _mm256_cvtph_ps(h);
     }

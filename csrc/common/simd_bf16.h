@@ -1,5 +1,5 @@
-// Vector fp32 -> bf16 rounding for the SIMD kernels (cpu_adam_kernels.cpp, pack_kernels.cpp): the same
-// round-to-nearest-even as float_to_bf16 in half_convert.h, so every SIMD path matches the scalar one bit for bit.
+// Vector bf16 <-> fp32 for the SIMD kernels (cpu_adam_kernels.cpp, pack_kernels.cpp). fp32 -> bf16 rounds to
+// nearest even like float_to_bf16 in half_convert.h, so every SIMD path matches the scalar one bit for bit.
 // Each function carries the smallest target it needs and is always inlined, so it compiles into any caller whose
 // target includes that one (both kernels' AVX2 and AVX-512 targets do) and into no other.
 #pragma once
@@ -8,6 +8,15 @@
 
 namespace zerocore {
 namespace simd {
+
+// bf16 is the high half of an fp32: widen each u16 to u32 and shift it up (exact).
+__attribute__((target("avx2"), always_inline)) inline __m256 avx2_bf16_to_float(__m128i halves) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+
+__attribute__((target("avx512f"), always_inline)) inline __m512 avx512_bf16_to_float(__m256i halves) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
 
 // Add 0x7fff plus the lowest kept bit, keep the high half; NaN lanes take the quiet-NaN pattern instead.
 __attribute__((target("avx2"), always_inline)) inline __m128i avx2_float_to_bf16(__m256 x) {
