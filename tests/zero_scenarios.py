@@ -179,8 +179,9 @@ def make_sched(opt):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.5 * t))
 
 
-def train_reference(kind, data, *, lr=1e-3, wd=0.01, clip=0.0, groups=False, sched=False, skip=()):
-    model = MODELS[kind]()
+def _train_adamw(kind, model, forward, data, rank=None, *, lr, wd, clip, groups, sched, skip=()):
+    """torch.optim.AdamW over `data` with `forward` (the model, or DDP around it); rank=None: the whole batch."""
+    pick = (lambda t: t) if rank is None else (lambda t: local(t, rank))
     params = groups_for(model, lr) if groups else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False)
     sch = make_sched(opt) if sched else None
@@ -190,33 +191,25 @@ def train_reference(kind, data, *, lr=1e-3, wd=0.01, clip=0.0, groups=False, sch
         set_step_flags(model, t)
         opt.zero_grad()
         for x, y in row:
-            (loss_of(kind, model(x), y) / len(row)).backward()
+            (loss_of(kind, forward(pick(x)), pick(y)) / len(row)).backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if sch:
             sch.step()
     return model
+
+
+def train_reference(kind, data, *, lr=1e-3, wd=0.01, clip=0.0, groups=False, sched=False, skip=()):
+    model = MODELS[kind]()
+    return _train_adamw(kind, model, model, data, lr=lr, wd=wd, clip=clip, groups=groups, sched=sched, skip=skip)
 
 
 def train_ddp(kind, data, rank, *, lr=1e-3, wd=0.01, clip=0.0, groups=False, sched=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = MODELS[kind]()
     ddp = DDP(model, find_unused_parameters=kind == "special")
-    params = groups_for(model, lr) if groups else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False)
-    sch = make_sched(opt) if sched else None
-    for t, row in enumerate(data):
-        set_step_flags(model, t)
-        opt.zero_grad()
-        for x, y in row:
-            (loss_of(kind, ddp(local(x, rank)), local(y, rank)) / len(row)).backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        if sch:
-            sch.step()
-    return model
+    return _train_adamw(kind, model, ddp, data, rank, lr=lr, wd=wd, clip=clip, groups=groups, sched=sched)
 
 
 def train_zero(kind, data, rank, *, lr=1e-3, wd=0.01, groups=False, sched=False, ds_style=False,

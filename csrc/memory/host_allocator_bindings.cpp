@@ -26,8 +26,8 @@ using zerocore::memory::BlockCache;
 
 namespace {
 
-// High enough to replace torch's default (priority 0) and to put it back again; an allocator installed by
-// someone else with a higher priority wins, and install() then reports that it could not take over.
+// High enough to replace torch's default (priority 0); an allocator installed by someone else with a higher
+// priority wins, and install() then reports that it could not take over.
 constexpr uint8_t kPriority = 100;
 
 BlockCache& cache() {

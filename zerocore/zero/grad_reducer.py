@@ -249,10 +249,8 @@ class GradReducer:
                 kept_elsewhere = sys.getrefcount(grad) > 2
                 self._hold(u, k, grad, kept_elsewhere)
             else:
-                bucket = self._bucket(unit)
-                offset = slot.offset if plan is None else plan.rest_offsets[k]
-                bucket_ops.pack([grad.contiguous()], bucket, [offset], scale=self.pack_scale,
-                                accumulate=k in self.arrived[u])
+                bucket_ops.pack([grad.contiguous()], self._bucket(unit), [self._bucket_offset(u, k)],
+                                scale=self.pack_scale, accumulate=k in self.arrived[u])
         if not self.reducing:
             return
         self.arrived[u].add(k)
@@ -277,6 +275,17 @@ class GradReducer:
         if scale != 1.0:
             g.mul_(scale)
         self.held[u][k] = g
+
+    def _bucket_offset(self, u: int, k: int) -> int:
+        """Where slot k of unit u lies in the unit's bucket (the unit's layout, or the compact rest layout)."""
+        plan = self.plans[u]
+        return self.units[u].slots[k].offset if plan is None else plan.rest_offsets[k]
+
+    def _zero_missing(self, u: int, bucket: torch.Tensor, missing) -> None:
+        # A parameter with no gradient on this rank in this pass counts as zero.
+        for k in missing:
+            at = self._bucket_offset(u, k)
+            bucket[at:at + self.units[u].slots[k].numel].zero_()
 
     def _bucket(self, unit: Unit) -> torch.Tensor:
         b = self.buckets[unit.index]
@@ -307,15 +316,15 @@ class GradReducer:
         else:
             flat = self._bucket(unit)
             if self.stage == 1:          # stage 1 with a dtype change: pack the kept gradients now
-                present = [k for k, s in enumerate(unit.slots) if s.param.grad is not None]
+                present = {k for k, s in enumerate(unit.slots) if s.param.grad is not None}
                 if present:
-                    bucket_ops.pack([unit.slots[k].param.grad.contiguous() for k in present], flat,
-                                    [unit.slots[k].offset for k in present], scale=self.pack_scale)
-                missing = [s for k, s in enumerate(unit.slots) if k not in set(present)]
+                    kept = sorted(present)
+                    bucket_ops.pack([unit.slots[k].param.grad.contiguous() for k in kept], flat,
+                                    [unit.slots[k].offset for k in kept], scale=self.pack_scale)
+                missing = [k for k in range(len(unit.slots)) if k not in present]
             else:
-                missing = [s for k, s in enumerate(unit.slots) if k not in self.arrived[u]]
-            for s in missing:            # no gradient on this rank in this pass counts as zero
-                flat[s.offset:s.offset + s.numel].zero_()
+                missing = [k for k in range(len(unit.slots)) if k not in self.arrived[u]]
+            self._zero_missing(u, flat, missing)
         self._make_room()
         what = f"unit {u} gradients ({unit.numel} elements, {flat.dtype})"
         store = self.shard_views[u]
@@ -337,10 +346,7 @@ class GradReducer:
             pendings.append(self.comm.all_reduce(g, f"unit {u} gradient of {s.name} ({s.numel} elements, {g.dtype})"))
         if plan.rest:
             b = self._bucket(unit)
-            for k in plan.rest:
-                if k not in self.arrived[u]:
-                    off = plan.rest_offsets[k]
-                    b[off:off + unit.slots[k].numel].zero_()
+            self._zero_missing(u, b, [k for k in plan.rest if k not in self.arrived[u]])
             pendings.append(self.comm.all_reduce(b, f"unit {u} other gradients ({plan.rest_numel} elements, {b.dtype})"))
         return pendings
 

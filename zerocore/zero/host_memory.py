@@ -8,8 +8,8 @@ it in again every step (+10-40 % step time). zerocore.ops.host_cache reuses free
 resident size stays at what is in use at once, and steady-state steps fault no pages.
 
 The cache is a process-wide CPU allocator (like torch's CUDA caching allocator on the GPU), so it is installed
-while at least one ZeroOptimizer on a host model is open (option `host_block_cache`, on by default) and put
-back when the last one closes. Only requests of MIN_BLOCK_BYTES and more go to it; smaller ones stay with
+while at least one ZeroOptimizer on a host model is open (option `host_block_cache`, on by default); when the
+last one closes, every request goes to torch's allocator again. Only requests of MIN_BLOCK_BYTES and more go to it; smaller ones stay with
 torch's allocator. Each optimizer step ends a cache window, which unmaps blocks nobody asked for during the
 last step (a one-off large temporary does not stay resident).
 
@@ -55,7 +55,7 @@ def acquire() -> bool:
 
 
 def release() -> None:
-    """Leave the cache; the last user puts torch's allocator back and unmaps the cached blocks."""
+    """Leave the cache; the last user hands every request back to torch's allocator and unmaps cached blocks."""
     global _users
     with _lock:
         if _users == 0:

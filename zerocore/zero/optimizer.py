@@ -185,9 +185,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.reducer.detach()
             for h in getattr(self, "_hooks", []):
                 h.remove()
-            if self._uses_host_cache:
-                self._uses_host_cache = False
-                host_memory.release()
+            self._leave_host_cache()
             raise
         self._constructed = True
 
@@ -339,11 +337,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # An optimizer dropped without close() (its hooks gone with the model) still gives back its share of the
         # process-wide host block cache.
         try:
-            if getattr(self, "_uses_host_cache", False):
-                self._uses_host_cache = False
-                host_memory.release()
+            self._leave_host_cache()
         except Exception:     # interpreter shutdown: modules may already be gone; nothing left to give back
             pass
+
+    def _leave_host_cache(self) -> None:
+        """Give back this optimizer's share of the host block cache, once."""
+        if getattr(self, "_uses_host_cache", False):
+            self._uses_host_cache = False
+            host_memory.release()
 
     def _release(self) -> None:
         """Drop hooks, pooled buckets and the process group without waiting for anything."""
@@ -355,9 +357,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reducer.inflight.clear()
         self.reducer.pool.clear()
         self.comm.close()
-        if self._uses_host_cache:
-            host_memory.release()
-            self._uses_host_cache = False
+        self._leave_host_cache()
         self._closed = True
 
     def wait_for_params(self) -> None:
@@ -497,12 +497,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.wait_for_params()
         params = {}
         for u, off in zip(self.units, self.shard_offsets):
-            master_src = self.master if self.master is not None else None
             for s in u.slots:
                 lo = off + s.shard_pos
                 n = s.owned_numel
-                if master_src is not None:
-                    master = master_src[lo:lo + n].clone()
+                if self.master is not None:
+                    master = self.master[lo:lo + n].clone()
                 else:
                     master = u.shard_of(u.flat)[s.shard_pos:s.shard_pos + n].float().clone()
                 params[s.name] = {"shape": tuple(s.shape), "start": s.own_start, "end": s.own_end,
