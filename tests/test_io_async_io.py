@@ -1,6 +1,7 @@
 """Round trips of random data through zerocore.io.AsyncIO: awkward sizes and offsets, both backends, O_DIRECT and
 buffered, aligned/pinned, plain and misaligned tensors, batches, many files, concurrent threads."""
 import os
+import stat
 import threading
 
 import pytest
@@ -90,6 +91,26 @@ def test_buffered_mode_round_trip(tmp_path):
         dst = torch.empty_like(src)
         engine.read(dst, tmp_path / "b.bin", 5).wait()
         assert torch.equal(dst, src)
+
+
+def test_created_files_are_owner_only_and_existing_files_keep_their_mode(aio, tmp_path):
+    new, old = tmp_path / "new.bin", tmp_path / "old.bin"
+    old.write_bytes(b"x" * 10)
+    (tmp_path / "old.bin.crc32c").write_bytes(b"")  # an empty sidecar holds no records
+    os.chmod(old, 0o644)
+    os.chmod(tmp_path / "old.bin.crc32c", 0o640)
+    src = _random_bytes(300000, seed=4)
+    previous = os.umask(0o022)  # looser than 0600: created files must still be owner-only
+    try:
+        aio.write(src, new, checksum=True).wait()
+        aio.write(src, old, 7, checksum=True).wait()
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"new.bin": 0o600, "new.bin.crc32c": 0o600, "old.bin": 0o644, "old.bin.crc32c": 0o640}
+    dst = torch.empty_like(src)
+    aio.read(dst, old, 7, verify=True).wait()
+    assert torch.equal(dst, src)
 
 
 def test_one_file_at_offsets_and_many_files_in_one_batch(aio, tmp_path):

@@ -89,6 +89,34 @@ void close_fd(int& fd) {
   fd = -1;
 }
 
+// The end of the error message of a failed write: removes the file it created, when the path still names it.
+std::string remove_created_file(const RequestState& r) {
+  const std::string& path = r.req.path;
+  struct stat ours, now;
+  if (::fstat(r.fd_buffered, &ours) != 0)
+    return "; could not remove '" + path + "', which this write created: fstat failed: " + errno_text(errno);
+  // An lstat-then-unlink window remains; it only matters to someone who can replace entries of this directory.
+  if (::lstat(path.c_str(), &now) != 0 || now.st_dev != ours.st_dev || now.st_ino != ours.st_ino)
+    return "; did not remove '" + path + "': the path no longer names the file this write created";
+  if (::unlink(path.c_str()) != 0)
+    return "; could not remove '" + path + "', which this write created: " + errno_text(errno);
+  return "; removed '" + path + "', which this write had created";
+}
+
+// See [Note: failed writes].
+void clean_up_failed_write(RequestState& r) {
+  const Request& q = r.req;
+  const std::string range =
+      "bytes [" + std::to_string(q.offset) + ", " + std::to_string(q.offset + q.nbytes) + ") of '" + q.path + "'";
+  const SidecarResult s = update_sidecar(q.path, q.offset, q.nbytes, nullptr);
+  // A refused symlinked sidecar vouches for nothing either: readers refuse it too.
+  std::string done = s.err == 0 || s.symlink ? "; no checksum record vouches for " + range
+                                              : "; could not drop the checksum records of " + range + ": " + s.message;
+  if (r.created) done += remove_created_file(r);
+  std::lock_guard<std::mutex> lock(r.error_mu);
+  r.error.message += done;
+}
+
 void finish_request(RequestState& r) {
   if (r.req.op == Op::kWrite && !r.failed.load(std::memory_order_acquire)) {
     ChecksumRecord record;
@@ -100,34 +128,87 @@ void finish_request(RequestState& r) {
     }
     // Without checksums a write still drops the records it overwrote (see [Note: sidecar layout]).
     const SidecarResult s = update_sidecar(r.req.path, r.req.offset, r.req.nbytes, r.req.checksum ? &record : nullptr);
-    if (s.err) r.fail(ErrorKind::kOs, s.err, r.req.offset, s.message);
+    if (s.err)
+      r.fail(s.symlink ? ErrorKind::kSymlink : s.err == EBADMSG ? ErrorKind::kChecksum : ErrorKind::kOs, s.err,
+             r.req.offset, s.message);
   }
+  // Once the file was opened, a failed write may have changed its bytes (a failed open changed nothing).
+  if (r.req.op == Op::kWrite && r.failed.load(std::memory_order_acquire) && r.fd_buffered >= 0)
+    clean_up_failed_write(r);
   close_fd(r.fd_direct);
   close_fd(r.fd_buffered);
   HandleState& h = *r.handle;
   if (h.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) finish_handle(h);
 }
 
-// Opens the descriptors and decides O_DIRECT; false (with r.error set) when the file cannot be opened.
-bool open_request(RequestState& r, const EngineOptions& options) {
-  const Request& q = r.req;
-  const int flags = (q.op == Op::kWrite ? O_WRONLY | O_CREAT : O_RDONLY) | O_CLOEXEC;
-  r.fd_buffered = ::open(q.path.c_str(), flags, 0644);
-  if (r.fd_buffered < 0) {
-    const int err = errno;
-    r.fail(ErrorKind::kOs, err, q.offset,
-           std::string("cannot open '") + q.path + "' for " + (q.op == Op::kWrite ? "writing" : "reading") +
-               ": " + errno_text(err));
+// A verified read: loads the checksum record of exactly its range; false (with r.error set) when there is none.
+bool load_record(RequestState& r) {
+  ChecksumRecord record;
+  const SidecarResult s = find_record(r.req.path, r.req.offset, r.req.nbytes, &record);
+  const uint64_t expected_extents =
+      record.extent_size ? (r.req.nbytes == 0 ? 0 : (r.req.offset + r.req.nbytes - 1) / record.extent_size -
+                                                        r.req.offset / record.extent_size + 1)
+                         : 0;
+  if (s.err) {
+    r.fail(s.symlink ? ErrorKind::kSymlink : ErrorKind::kChecksum, s.err, r.req.offset, s.message);
     return false;
   }
+  if (record.extent_size == 0 || record.extent_size % 4096 != 0 || record.crcs.size() != expected_extents) {
+    r.fail(ErrorKind::kChecksum, EBADMSG, r.req.offset,
+           "checksum record of '" + r.req.path + "' is inconsistent (extent size " +
+               std::to_string(record.extent_size) + ", " + std::to_string(record.crcs.size()) + " crcs)");
+    return false;
+  }
+  r.extent_size = record.extent_size;
+  r.crcs = std::move(record.crcs);
+  return true;
+}
+
+// Opens the descriptors (and, for a verified read, loads the checksum record) and decides O_DIRECT; false (with
+// r.error set) when the file cannot be opened.
+bool open_request(RequestState& r, const EngineOptions& options) {
+  const Request& q = r.req;
+  const int flags = q.op == Op::kWrite ? O_WRONLY : O_RDONLY;
+  const std::string what =
+      std::string("cannot open '") + q.path + "' for " + (q.op == Op::kWrite ? "writing" : "reading");
+  bool symlink = false;
+  // See [Note: symlinks and created files] in checksum_sidecar.h.
+  r.fd_buffered = open_no_symlink(q.path, flags, q.op == Op::kWrite, &r.created);
+  if (r.fd_buffered < 0) {
+    const int err = errno;
+    const std::string message = open_failure(what, q.path, err, &symlink);
+    r.fail(symlink ? ErrorKind::kSymlink : ErrorKind::kOs, err, q.offset, message);
+    return false;
+  }
+  // After the data file opened, so that a symlinked data path is reported as such, not as a missing sidecar.
+  if (q.op == Op::kRead && q.checksum && !load_record(r)) return false;
   if (!options.direct) {
     r.direct_note = "O_DIRECT turned off (direct=False)";
     return true;
   }
-  r.fd_direct = ::open(q.path.c_str(), (flags & ~O_CREAT) | O_DIRECT);
+  r.fd_direct = open_no_symlink(q.path, flags | O_DIRECT, false, nullptr);
   if (r.fd_direct < 0) {
-    r.direct_note = "the file system refuses O_DIRECT for '" + q.path + "' (" + errno_text(errno) + ")";
+    const int err = errno;
+    if (err == ELOOP) {  // the path became a symlink since the buffered open: refuse, do not fall back
+      const std::string message = open_failure(what + " with O_DIRECT", q.path, err, &symlink);
+      r.fail(symlink ? ErrorKind::kSymlink : ErrorKind::kOs, err, q.offset, message);
+      return false;
+    }
+    r.direct_note = "the file system refuses O_DIRECT for '" + q.path + "' (" + errno_text(err) + ")";
     return true;
+  }
+  // Both descriptors must be the same file: the path may have been replaced between the two opens.
+  struct stat st_buffered, st_direct;
+  if (::fstat(r.fd_buffered, &st_buffered) != 0 || ::fstat(r.fd_direct, &st_direct) != 0) {
+    const int err = errno;
+    r.fail(ErrorKind::kOs, err, q.offset, "cannot fstat '" + q.path + "': " + errno_text(err));
+    return false;
+  }
+  if (st_buffered.st_dev != st_direct.st_dev || st_buffered.st_ino != st_direct.st_ino) {
+    r.fail(ErrorKind::kOs, EAGAIN, q.offset,
+           "'" + q.path + "' was replaced by another file while it was being opened; try again (errno " +
+               std::to_string(EAGAIN) + ")");
+    return false;
   }
   DirectInfo info = probe_direct(r.fd_direct);
   if (info.ok && (info.offset_align > r.extent_size || r.extent_size % info.offset_align != 0 ||
@@ -369,28 +450,7 @@ Handle Engine::submit(std::vector<Request> requests) {
   for (size_t i = 0; i < count; ++i) {
     RequestState& r = *h->requests[i];
     r.extent_size = options_.block_size;
-    bool ok = true;
-    if (r.req.op == Op::kRead && r.req.checksum) {
-      ChecksumRecord record;
-      const SidecarResult s = find_record(r.req.path, r.req.offset, r.req.nbytes, &record);
-      const uint64_t expected_extents =
-          record.extent_size ? (r.req.nbytes == 0 ? 0 : (r.req.offset + r.req.nbytes - 1) / record.extent_size -
-                                                            r.req.offset / record.extent_size + 1)
-                             : 0;
-      if (s.err) {
-        r.fail(ErrorKind::kChecksum, s.err, r.req.offset, s.message);
-        ok = false;
-      } else if (record.extent_size == 0 || record.extent_size % 4096 != 0 || record.crcs.size() != expected_extents) {
-        r.fail(ErrorKind::kChecksum, EBADMSG, r.req.offset,
-               "checksum record of '" + r.req.path + "' is inconsistent (extent size " +
-                   std::to_string(record.extent_size) + ", " + std::to_string(record.crcs.size()) + " crcs)");
-        ok = false;
-      } else {
-        r.extent_size = record.extent_size;
-        r.crcs = std::move(record.crcs);
-      }
-    }
-    ok = ok && open_request(r, options_);
+    const bool ok = open_request(r, options_);
     if (ok) {
       if (!r.direct && options_.direct && debug_enabled())
         std::fprintf(stderr, "zerocore.io: buffered I/O: %s\n", r.direct_note.c_str());

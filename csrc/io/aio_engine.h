@@ -14,7 +14,15 @@
 // [Note: errors]
 // Nothing is returned partially: a request fails as a whole with the first error of any of its blocks (later
 // blocks are skipped), and Handle::wait() reports the path, the file offset and the errno. A read that meets
-// end-of-file before its last byte fails with ENODATA ("file shorter than asked").
+// end-of-file before its last byte fails with ENODATA ("file shorter than asked"). A data file or sidecar that is a
+// symlink is refused with ELOOP (ErrorKind::kSymlink; see [Note: symlinks and created files] in checksum_sidecar.h).
+//
+// [Note: failed writes]
+// A write that fails (ENOSPC, EIO, ...) after its file was opened may have put some of its bytes there. So that a
+// later verified read fails instead of returning them, the sidecar records overlapping its range are dropped; and
+// a file the write itself created (O_CREAT|O_EXCL) is unlinked, unless the path names another file by then. The
+// error message ends with what was cleaned up. A write to a file that another request is creating at the same time
+// loses its bytes with that unlink: create a file before writing it from several places at once.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -40,11 +48,11 @@ struct Request {
   bool checksum = false;
 };
 
-enum class ErrorKind : int { kNone = 0, kOs = 1, kShortFile = 2, kChecksum = 3 };
+enum class ErrorKind : int { kNone = 0, kOs = 1, kShortFile = 2, kChecksum = 3, kSymlink = 4 };
 
 struct Status {
   ErrorKind kind = ErrorKind::kNone;
-  int err = 0;           // errno; ENODATA for a short file, EBADMSG for a checksum mismatch
+  int err = 0;           // errno; ENODATA for a short file, EBADMSG for a checksum mismatch, ELOOP for a symlink
   std::string path;
   uint64_t offset = 0;   // the file offset where it failed
   std::string message;   // a full sentence naming op, path, offset and errno
@@ -149,6 +157,7 @@ struct RequestState {
   HandleState* handle = nullptr;
   int fd_direct = -1;
   int fd_buffered = -1;
+  bool created = false;  // a write that made its file: removed again if it fails (see [Note: failed writes])
   bool direct = false;
   std::string direct_note;  // why O_DIRECT was not used
   uint64_t offset_align = 4096;  // direct I/O alignment of file offsets and lengths (statx STATX_DIOALIGN)

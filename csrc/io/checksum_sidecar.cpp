@@ -27,6 +27,25 @@ struct Fd {
   }
 };
 
+// Opens the sidecar (see [Note: symlinks and created files]) and makes sure it is a regular file. O_NONBLOCK: a
+// FIFO planted there would otherwise block a read-only open forever; it changes nothing for regular files.
+SidecarResult open_sidecar(const std::string& path, int flags, bool create, Fd* f) {
+  bool created = false;
+  f->fd = open_no_symlink(path, flags | O_NONBLOCK, create, &created);
+  if (f->fd < 0) {
+    SidecarResult r;
+    r.err = errno;
+    r.message = open_failure("cannot open checksum sidecar '" + path + "'", path, r.err, &r.symlink);
+    return r;
+  }
+  struct stat st;
+  if (::fstat(f->fd, &st) != 0) return os_error("cannot stat checksum sidecar", path, errno);
+  if (!S_ISREG(st.st_mode))
+    return {EINVAL, "checksum sidecar '" + path + "' is not a regular file, so zerocore will not use it: remove it "
+                    "(errno " + std::to_string(EINVAL) + ")"};
+  return {};
+}
+
 template <typename T>
 void put(std::string& out, T value) {
   out.append(reinterpret_cast<const char*>(&value), sizeof(value));
@@ -112,16 +131,42 @@ bool overlaps(const ChecksumRecord& r, uint64_t offset, uint64_t length) {
 
 }  // namespace
 
+int open_no_symlink(const std::string& path, int flags, bool create, bool* created) {
+  if (created) *created = false;
+  flags |= O_NOFOLLOW | O_CLOEXEC;
+  // Open first, create only when missing: another process may create or remove the file in between, hence rounds.
+  for (int round = 0;; ++round) {
+    const int fd = ::open(path.c_str(), flags);
+    if (fd >= 0 || errno != ENOENT || !create) return fd;
+    const int made = ::open(path.c_str(), flags | O_CREAT | O_EXCL, 0600);
+    if (made >= 0) {
+      *created = true;
+      return made;
+    }
+    if (errno != EEXIST || round == 2) return -1;  // EEXIST: someone else created it (or planted a link): reopen
+  }
+}
+
+std::string open_failure(const std::string& what, const std::string& path, int err, bool* symlink) {
+  // O_NOFOLLOW reports a symlink as ELOOP, which also means a loop in the directories above: lstat tells them apart.
+  struct stat st;
+  *symlink = err == ELOOP && ::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode);
+  if (*symlink)
+    return what + ": '" + path + "' is a symlink, and zerocore refuses symlinks for swap/checkpoint files (a link "
+           "there could redirect the I/O to any file this process may write); use the real path (errno " +
+           std::to_string(err) + ")";
+  return what + ": " + std::strerror(err) + " (errno " + std::to_string(err) + ")";
+}
+
 std::string sidecar_path(const std::string& data_path) { return data_path + ".crc32c"; }
 
 SidecarResult update_sidecar(const std::string& data_path, uint64_t offset, uint64_t length,
                              const ChecksumRecord* record) {
   const std::string path = sidecar_path(data_path);
   Fd f;
-  f.fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | (record ? O_CREAT : 0), 0644);
-  if (f.fd < 0) {
-    if (!record && errno == ENOENT) return {};
-    return os_error("cannot open checksum sidecar", path, errno);
+  if (SidecarResult r = open_sidecar(path, O_RDWR, record != nullptr, &f); r.err) {
+    if (!record && r.err == ENOENT) return {};
+    return r;
   }
   while (::flock(f.fd, LOCK_EX) != 0) {
     if (errno != EINTR) return os_error("cannot lock checksum sidecar", path, errno);
@@ -131,26 +176,32 @@ SidecarResult update_sidecar(const std::string& data_path, uint64_t offset, uint
   std::vector<ChecksumRecord> records;
   std::string why;
   if (!decode(bytes, &records, &why)) {
-    // A damaged sidecar cannot vouch for anything; it is rebuilt from this write's record alone.
-    records.clear();
+    if (!record) return {};  // see [Note: damaged sidecar]
+    return {EBADMSG, "checksum sidecar '" + path + "' " + why + ", so the checksums of this write to '" + data_path +
+                         "' cannot be recorded; zerocore does not rewrite a damaged sidecar: delete '" + path +
+                         "' (its records are unreadable anyway) and write again (errno " + std::to_string(EBADMSG) +
+                         ")"};
   }
   std::string out(kMagic, sizeof(kMagic));
   for (const auto& r : records)
     if (!overlaps(r, offset, length)) out += encode(r);
   if (record) out += encode(*record);
-  return write_all(f.fd, path, out);
+  SidecarResult w = write_all(f.fd, path, out);
+  // A rewrite cut short (ENOSPC while it grows) would leave a damaged sidecar, which blocks every later checksummed
+  // write (see [Note: damaged sidecar]). Putting the old bytes back only rewrites blocks the file already had.
+  if (w.err) w.message += write_all(f.fd, path, bytes).err ? "; it may be damaged now" : "; its old bytes are restored";
+  return w;
 }
 
 SidecarResult find_record(const std::string& data_path, uint64_t offset, uint64_t length, ChecksumRecord* out) {
   const std::string path = sidecar_path(data_path);
   const std::string range = "bytes [" + std::to_string(offset) + ", " + std::to_string(offset + length) + ")";
   Fd f;
-  f.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (f.fd < 0) {
-    if (errno == ENOENT)
+  if (SidecarResult r = open_sidecar(path, O_RDONLY, false, &f); r.err) {
+    if (r.err == ENOENT)
       return {ENOENT, "no checksum sidecar '" + path + "' for " + range + " of '" + data_path +
                           "': write the data with checksum=True first, or read without verify"};
-    return os_error("cannot open checksum sidecar", path, errno);
+    return r;
   }
   while (::flock(f.fd, LOCK_SH) != 0) {
     if (errno != EINTR) return os_error("cannot lock checksum sidecar", path, errno);

@@ -1,6 +1,7 @@
 // Tests of the I/O engine without Python: round trips of random data at awkward sizes and offsets through both
 // backends, aligned and unaligned memory, O_DIRECT and buffered; errors (short file, missing file, file size
-// limit, checksum mismatch); crc32c against published vectors; concurrent submitters (for TSan).
+// limit, checksum mismatch, symlinks refused, failed writes cleaned up); crc32c against published vectors;
+// concurrent submitters (for TSan).
 #include <fcntl.h>
 #include <ftw.h>
 #include <sys/resource.h>
@@ -69,6 +70,40 @@ Status write_read(Engine& e, const std::string& path, const char* src, char* dst
   Status s = e.submit({Request{Op::kWrite, const_cast<char*>(src), n, path, offset, false}}).wait();
   if (!s.ok()) return s;
   return e.submit({Request{Op::kRead, dst, n, path, offset, false}}).wait();
+}
+
+bool exists(const std::string& path) {
+  struct stat st;
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+// The whole file ("<missing>" when it cannot be opened).
+std::string slurp(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) return "<missing>";
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
+  std::fclose(f);
+  return out;
+}
+
+void spit(const std::string& path, const std::string& bytes) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) std::abort();
+  if (std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size()) std::abort();
+  if (std::fclose(f) != 0) std::abort();
+}
+
+bool refused_symlink(const Status& s, const std::string& link) {
+  if (s.kind == ErrorKind::kSymlink && s.err == ELOOP &&
+      s.message.find("'" + link + "' is a symlink") != std::string::npos &&
+      s.message.find("refuses symlinks") != std::string::npos)
+    return true;
+  std::fprintf(stderr, "expected a symlink refusal for '%s', got kind %d errno %d: %s\n", link.c_str(),
+               static_cast<int>(s.kind), s.err, s.message.c_str());
+  return false;
 }
 
 }  // namespace
@@ -196,6 +231,44 @@ ZC_TEST(flipped_byte_fails_checksum_and_names_the_extent) {
   }
 }
 
+ZC_TEST(symlinked_data_file_and_sidecar_are_refused) {
+  const std::string victim = temp_dir() + "/victim", original = "precious bytes the link points at";
+  const auto src = random_bytes(100000, 21);
+  std::vector<char> dst(src.size());
+  for (const auto& backend : backends()) {
+    for (bool direct : {true, false}) {
+      Engine e(opts(backend, direct));
+      const std::string tag = backend + std::to_string(direct);
+      spit(victim, original);
+      const std::string link = temp_dir() + "/link_" + tag;
+      CHECK(::symlink(victim.c_str(), link.c_str()) == 0);
+      for (bool checksum : {false, true}) {
+        CHECK(refused_symlink(
+            e.submit({{Op::kWrite, const_cast<char*>(src.data()), src.size(), link, 4096, checksum}}).wait(), link));
+        CHECK(refused_symlink(e.submit({{Op::kRead, dst.data(), 10, link, 0, checksum}}).wait(), link));
+      }
+      CHECK(!exists(link + ".crc32c") && !exists(victim + ".crc32c"));
+      // A dangling link must not create its target either.
+      const std::string dangling = temp_dir() + "/dangling_" + tag, nowhere = temp_dir() + "/nowhere_" + tag;
+      CHECK(::symlink(nowhere.c_str(), dangling.c_str()) == 0);
+      CHECK(refused_symlink(
+          e.submit({{Op::kWrite, const_cast<char*>(src.data()), src.size(), dangling, 0, false}}).wait(), dangling));
+      CHECK(!exists(nowhere));
+      // A symlinked sidecar: the checksummed write fails, removes the data file it created, and the target of the
+      // link keeps its bytes; a verified read refuses it as well.
+      const std::string data = temp_dir() + "/sc_" + tag, sidecar = data + ".crc32c";
+      CHECK(::symlink(victim.c_str(), sidecar.c_str()) == 0);
+      const Status w = e.submit({{Op::kWrite, const_cast<char*>(src.data()), src.size(), data, 0, true}}).wait();
+      CHECK(refused_symlink(w, sidecar));
+      CHECK(w.message.find("removed '" + data + "'") != std::string::npos);
+      CHECK(!exists(data));
+      spit(data, std::string(src.begin(), src.end()));
+      CHECK(refused_symlink(e.submit({{Op::kRead, dst.data(), src.size(), data, 0, true}}).wait(), sidecar));
+      CHECK(slurp(victim) == original);
+    }
+  }
+}
+
 ZC_TEST(file_size_limit_fails_the_write_with_efbig) {
   struct rlimit old_limit;
   CHECK(getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
@@ -206,11 +279,21 @@ ZC_TEST(file_size_limit_fails_the_write_with_efbig) {
     struct rlimit small = old_limit;
     small.rlim_cur = 256 * 1024;
     CHECK(setrlimit(RLIMIT_FSIZE, &small) == 0);
-    const Status s = e.submit({{Op::kWrite, const_cast<char*>(src.data()), 1 << 20, temp_dir() + "/big_" + backend,
-                                0, false}}).wait();
+    const std::string fresh = temp_dir() + "/big_" + backend, old = temp_dir() + "/big_old_" + backend;
+    CHECK(e.submit({{Op::kWrite, const_cast<char*>(src.data()), 4096, old, 0, true}}).wait().ok());
+    const Status s = e.submit({{Op::kWrite, const_cast<char*>(src.data()), 1 << 20, fresh, 0, false}}).wait();
+    const Status s_old = e.submit({{Op::kWrite, const_cast<char*>(src.data()), 1 << 20, old, 0, true}}).wait();
     CHECK(setrlimit(RLIMIT_FSIZE, &old_limit) == 0);
     CHECK(s.kind == ErrorKind::kOs && s.err == EFBIG);
     CHECK(s.offset >= 256 * 1024 && s.offset < (1 << 20));
+    // The failed write created `fresh`, so it is gone; `old` stays, but no record vouches for its bytes any more.
+    CHECK(s.message.find("removed '" + fresh + "'") != std::string::npos && !exists(fresh));
+    CHECK(s_old.kind == ErrorKind::kOs && s_old.err == EFBIG && exists(old));
+    CHECK(s_old.message.find("no checksum record vouches for bytes [0, 1048576)") != std::string::npos);
+    CHECK(s_old.message.find("removed") == std::string::npos);
+    std::vector<char> dst(4096);
+    const Status r = e.submit({{Op::kRead, dst.data(), 4096, old, 0, true}}).wait();
+    CHECK(r.kind == ErrorKind::kChecksum && r.err == ENOENT);
   }
 }
 

@@ -2,7 +2,8 @@
 
 - `AsyncIO`: asynchronous reads and writes of CPU tensors at file offsets, through io_uring or a pread/pwrite
   thread pool (chosen at run time, see `backend_info`), with O_DIRECT where the file system takes it and optional
-  per-extent crc32c checksums. Failures raise `AIOError` (an OSError) naming path, offset and errno.
+  per-extent crc32c checksums. Failures raise `AIOError` (an OSError) naming path, offset and errno; a data file
+  or checksum sidecar that is a symlink is refused (`SymlinkRefusedError`), and files AsyncIO creates are 0600.
 - `aligned_empty`: page-aligned CPU tensors, page-locked for fast GPU copies when CUDA is available.
 - `BufferPool`: reuses such buffers instead of allocating (and pinning) anew.
 
@@ -20,8 +21,8 @@ True
 from .aligned import aligned_empty
 from .async_io import AsyncIO, IOHandle
 from .backend import backend_info
-from .errors import AIOError, ChecksumError, TruncatedFileError
+from .errors import AIOError, ChecksumError, SymlinkRefusedError, TruncatedFileError
 from .pool import BufferPool
 
 __all__ = ["AsyncIO", "IOHandle", "aligned_empty", "BufferPool", "backend_info", "AIOError", "ChecksumError",
-           "TruncatedFileError"]
+           "SymlinkRefusedError", "TruncatedFileError"]

@@ -100,8 +100,10 @@ class AsyncIO:
         return self._engine.backend_reason
 
     def write(self, tensor: torch.Tensor, path: PathLike, offset: int = 0, checksum: bool = False) -> IOHandle:
-        """Starts writing the tensor's bytes to path at offset (the file is created if missing). checksum=True
-        records a crc32c per extent in "<path>.crc32c" for `read(..., verify=True)`."""
+        """Starts writing the tensor's bytes to path at offset (the file is created, mode 0600, if missing).
+        checksum=True records a crc32c per extent in "<path>.crc32c" for `read(..., verify=True)`. A path or
+        sidecar that is a symlink raises SymlinkRefusedError. A write that fails drops the checksum records of its
+        range and removes the file if it created it; a damaged sidecar fails checksummed writes (delete it)."""
         return self.submit([("write", tensor, path, offset, checksum)])
 
     def read(self, tensor: torch.Tensor, path: PathLike, offset: int = 0, verify: bool = False) -> IOHandle:

@@ -25,8 +25,14 @@ class ChecksumError(AIOError):
     (errno ENOENT: no checksum was recorded for that range)."""
 
 
+class SymlinkRefusedError(AIOError):
+    """The data file or its "<path>.crc32c" checksum sidecar is a symbolic link (errno ELOOP). zerocore opens both
+    with O_NOFOLLOW and refuses links, since one planted at a predictable swap/checkpoint path could redirect a
+    write to any file the process may write: pass the real path."""
+
+
 # Kinds reported by the engine (aio_engine.h ErrorKind).
-_KIND_CLASSES = {1: AIOError, 2: TruncatedFileError, 3: ChecksumError}
+_KIND_CLASSES = {1: AIOError, 2: TruncatedFileError, 3: ChecksumError, 4: SymlinkRefusedError}
 
 
 def raise_status(status) -> None:
