@@ -42,7 +42,7 @@ class BuildPyWithSources(build_py):
 setup(
     name="zerocore",
     version="0.1.0",
-    description="ZeRO (Zero Redundancy Optimizer) stages 1-3 for PyTorch with CPU and NVMe offload",
+    description="ZeRO (Zero Redundancy Optimizer) stages 1 and 2 for PyTorch, with optimizer offload to CPU memory",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["zerocore", "zerocore.*"]),

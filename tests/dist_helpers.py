@@ -7,6 +7,10 @@ assert on. If a scenario fails on any rank, the ranks agree on it (one all_gathe
 and skip the rest instead of hanging in mismatched collectives; a hard hang is cut by the parent's timeout.
 
 A scenario is `fn(rank, world_size) -> dict | None`; raising marks it failed on that rank.
+
+Workers end through a real interpreter exit (after destroy_process_group), and the parent checks that every rank
+that reported exited with code 0: an abort at exit (e.g. a gloo thread that needs the GIL during finalization)
+fails the run. Runs that kill a rank on purpose pass `clean_exit=False`.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ def _worker(rank: int, world_size: int, port: int, module: str, names: Sequence[
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=120))
+        # Scenarios that need it can tell which rank and world they run in (e.g. to kill one rank on purpose).
         mod = importlib.import_module(module)
         failed_before = None
         for name in names:
@@ -58,8 +63,9 @@ def _worker(rank: int, world_size: int, port: int, module: str, names: Sequence[
     out.put((rank, results))
     out.close()
     out.join_thread()
-    # Skip interpreter teardown: gloo's destructor can abort while a peer is already gone.
-    os._exit(0)
+    # A real interpreter exit: what a user's script goes through (see the module docstring).
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _signal_name(exitcode) -> str:
@@ -71,8 +77,11 @@ def _signal_name(exitcode) -> str:
         return ""
 
 
-def run_scenarios(world_size: int, module: str, names: Sequence[str], timeout_s: float = 600) -> Dict[str, List[dict]]:
-    """Run scenarios `names` of `module` on `world_size` gloo ranks; returns name -> [per-rank result]."""
+def run_scenarios(world_size: int, module: str, names: Sequence[str], timeout_s: float = 600,
+                  clean_exit: bool = True, grace_s: float = 5.0) -> Dict[str, List[dict]]:
+    """Run scenarios `names` of `module` on `world_size` gloo ranks; returns name -> [per-rank result].
+
+    grace_s: how long the surviving ranks get to report once a rank died without reporting."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
@@ -95,7 +104,7 @@ def run_scenarios(world_size: int, module: str, names: Sequence[str], timeout_s:
                     died_at = time.monotonic()
                 # A dead rank leaves its peers blocked in a collective until gloo's timeout: give them a few
                 # seconds to report (they usually fail fast with "connection closed"), then stop waiting.
-                if died_at is not None and time.monotonic() - died_at > 5.0:
+                if died_at is not None and time.monotonic() - died_at > grace_s:
                     break
         for r, p in enumerate(procs):
             if r not in per_rank:
@@ -114,6 +123,10 @@ def run_scenarios(world_size: int, module: str, names: Sequence[str], timeout_s:
         results[name] = [per_rank.get(r, {}).get(name, {"ok": False, "error": why.get(r, f"rank {r}: no result")})
                          for r in range(world_size)]
     setup_errors = [res["__setup__"] for res in per_rank.values() if "__setup__" in res]
+    if clean_exit:
+        setup_errors += [{"ok": False, "error": f"rank {r} reported, then exited with code {p.exitcode}"
+                                                  f"{_signal_name(p.exitcode)} (it must exit cleanly)"}
+                         for r, p in enumerate(procs) if r in per_rank and p.exitcode != 0]
     if setup_errors:
         results["__setup__"] = setup_errors
     return results

@@ -29,6 +29,18 @@ def test_unknown_and_unavailable_options():
         ZeroConfig(offload_optimizer="nvme")
 
 
+def test_messages_point_only_at_what_exists():
+    # No stage-3 engine and no NVMe offload exist yet: the messages must not send users to them.
+    with pytest.raises(ValueError) as e:
+        ZeroConfig(stage=3)
+    assert "separate engine" not in str(e.value) and "use 1 or 2" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        ZeroConfig(offload_optimizer="gpu")
+    assert "nvme" not in str(e.value) and "None or 'cpu'" in str(e.value)
+    with pytest.raises(ValueError, match="sync_module_states"):
+        ZeroConfig(sync_module_states="yes")
+
+
 def test_frozen_and_normalised():
     cfg = ZeroConfig(dtype="bf16", betas=[0.8, 0.9])
     assert cfg.dtype == torch.bfloat16 and cfg.betas == (0.8, 0.9)

@@ -48,6 +48,30 @@ def test_needs_initialized_process_group():
         ZeroOptimizer(torch.nn.Linear(2, 2))
 
 
+def test_needs_the_module_not_its_parameters(single_rank_group):
+    m = torch.nn.Linear(4, 3)
+    with pytest.raises(TypeError, match=r"ZeroOptimizer\(model, \.\.\.\), not ZeroOptimizer\(model.parameters\(\)"):
+        ZeroOptimizer(m.parameters())
+
+
+def test_single_process_hint_works_as_written(tmp_path):
+    """The hint in the 'needs torch.distributed' error must run as written (no MASTER_ADDR/MASTER_PORT set)."""
+    import subprocess
+    import sys
+    code = ("import os, re, torch, torch.distributed as dist\n"
+            "from zerocore import ZeroOptimizer\n"
+            "for k in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE'): os.environ.pop(k, None)\n"
+            "try:\n    ZeroOptimizer(torch.nn.Linear(2, 2))\n"
+            "except RuntimeError as e:\n    hint = re.search(r\"init_process_group\\('gloo'.*?\\)\\)\", str(e)).group(0)\n"
+            "from dist_helpers import free_port\n"
+            "hint = hint.replace('29500', str(free_port()))\n"
+            "eval('dist.' + hint[:-1])\n"
+            "opt = ZeroOptimizer(torch.nn.Linear(2, 2)); print('ok', opt.world_size)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(__import__("pathlib").Path(__file__).parent))
+    assert done.returncode == 0 and "ok 1" in done.stdout, done.stderr[-2000:]
+
+
 def test_option_errors_name_the_problem(single_rank_group):
     m = torch.nn.Linear(4, 3)
     with pytest.raises(TypeError, match="unknown ZeroOptimizer option"):

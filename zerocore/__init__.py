@@ -1,4 +1,4 @@
-"""zerocore: ZeRO (Zero Redundancy Optimizer) stages 1-3 for PyTorch, with CPU and NVMe offload.
+"""zerocore: ZeRO (Zero Redundancy Optimizer) stages 1 and 2 for PyTorch, with optimizer offload to CPU memory.
 
 Importing zerocore compiles nothing: op libraries are built on first use (see `zerocore.ops`).
 """

@@ -4,9 +4,11 @@
 >>> ZeroConfig(stage=1).stage
 1
 """
-from .collectives import CollectiveTimeout
+from .bindings import ParameterReplacedError
+from .collectives import CollectiveError, CollectiveTimeout, PeerFailure
 from .config import ZeroConfig
 from .consistency import RankMismatchError
 from .optimizer import ZeroOptimizer
 
-__all__ = ["ZeroOptimizer", "ZeroConfig", "CollectiveTimeout", "RankMismatchError"]
+__all__ = ["ZeroOptimizer", "ZeroConfig", "CollectiveError", "CollectiveTimeout", "PeerFailure",
+           "RankMismatchError", "ParameterReplacedError"]

@@ -22,11 +22,35 @@ process group outlived destroy_process_group() because something still reference
 is safe: the group's destructor joins its worker threads with the GIL released. So the engine never keeps the
 default group alive (it stores None and lets torch resolve the current default group on each call), and
 ZeroOptimizer.close() drops an explicitly passed group together with its hooks.
+
+[Note: exit]
+A finished gloo work is destroyed by whichever thread drops it last, often gloo's worker thread a moment after
+wait() returned. Two things in it can need the GIL, which a thread cannot take once the interpreter is
+finalizing (it is unwound by pthread_exit inside a noexcept destructor: SIGABRT, "terminate called without an
+active exception"):
+  - the thread-local state the work captured when it was launched: autograd's backward stashes a Python object
+    (a contextvars.Context) in the thread's TLS for the whole backward pass, so every reduction launched from a
+    gradient hook carried it. `_launching()` takes it out of the TLS while a collective is launched.
+  - the tensors it holds: when Python drops a tensor that C++ still references, torch keeps the Python object
+    alive and hands it to C++, whose last reference must then decref it under the GIL. So every tensor given to
+    a collective stays referenced by Python until the backend has let go of it (its `_use_count()` is back to
+    what it was before the launch): `Pending.wait()` hands its tensors to `_releasing`, which is swept at every
+    launch, and `settle()` (close(), the exit hook) waits for in-flight collectives and then for the backend.
+So the process exits cleanly whether or not the script calls close() or destroy_process_group().
+
+[Note: peer failure]
+A collective that fails before its timeout was not a timeout: usually a peer closed its connection (it raised
+and exited, or died). To name it, every surviving rank writes a key under this engine's prefix into the group's
+store and waits a few seconds for the others' keys; the ranks whose key never comes are named. The store lives
+in rank 0 (init_method tcp://) or in torchrun's agent; if it is unreachable too, the error says so.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
-from typing import Optional
+import pickle
+import time
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,35 +58,80 @@ import torch.distributed as dist
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+# How long surviving ranks wait for each other's key in the store when a peer failed ([Note: peer failure]).
+PEER_POLL_S = 3.0
+# The TLS key autograd's backward stores its contextvars.Context under ([Note: exit]).
+_BACKWARD_TLS_KEY = "context"
+# A finished collective's tensors are kept until the backend let go of them, or at most this many later
+# launches: a tensor whose use count stays up for another reason (a view made after the launch) is not the
+# backend's doing, and keeping it longer would only hold memory.
+RELEASE_MAX_AGE = 64
+# settle() gives the backend this long; gloo's worker drops a finished work microseconds after completing it.
+SETTLE_S = 5.0
+SETTLE_IDLE_S = 0.1
 
-class CollectiveTimeout(RuntimeError):
-    """A collective did not finish within the configured timeout (usually: ranks diverged or one died)."""
+
+class CollectiveError(RuntimeError):
+    """A collective of the ZeRO engine failed: a timeout, or a peer that failed or left."""
+
+
+class CollectiveTimeout(CollectiveError):
+    """A collective did not finish within the configured timeout (usually: ranks diverged or one hangs)."""
+
+
+class PeerFailure(CollectiveError):
+    """Another rank closed its connection (it raised and exited, or died) while this rank waited on it.
+    `ranks` lists the ranks (of the engine's group) that did not answer, or None when they cannot be told."""
+
+    def __init__(self, message: str, ranks: Optional[List[int]] = None):
+        super().__init__(message)
+        self.ranks = ranks
 
 
 def default_strategy(backend: str) -> str:
     return "all_reduce" if backend == "gloo" else "scatter_gather"
 
 
-class Pending:
-    """An in-flight collective: wait() returns its result tensor (or raises CollectiveTimeout)."""
+@contextlib.contextmanager
+def _launching():
+    """Launch a collective without the Python object backward keeps in the TLS (see [Note: exit])."""
+    C = torch._C
+    api = ("_is_key_in_tls", "_get_obj_in_tls", "_remove_obj_from_tls", "_stash_obj_in_tls")
+    # Older torch has no way to remove a TLS object (nor does its backward stash one): launch as it is.
+    if not all(hasattr(C, f) for f in api) or not C._is_key_in_tls(_BACKWARD_TLS_KEY):
+        yield
+        return
+    saved = C._get_obj_in_tls(_BACKWARD_TLS_KEY)
+    C._remove_obj_from_tls(_BACKWARD_TLS_KEY)
+    try:
+        yield
+    finally:
+        C._stash_obj_in_tls(_BACKWARD_TLS_KEY, saved)
 
-    def __init__(self, work, result: Optional[torch.Tensor], what: str, timeout_s: float):
+
+class Pending:
+    """An in-flight collective: wait() returns its result tensor (or raises a CollectiveError)."""
+
+    def __init__(self, comm: "Collectives", work, result: Optional[torch.Tensor], what: str,
+                 held: Sequence[tuple] = ()):
+        self.comm = comm
         self.works = [] if work is None else (list(work) if isinstance(work, (list, tuple)) else [work])
-        self.result, self.what, self.timeout_s = result, what, timeout_s
+        self.result, self.what = result, what
+        self.tensors = list(held)     # (tensor, its use count before the launch) the backend holds ([Note: exit])
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self.works)
 
     def wait(self) -> Optional[torch.Tensor]:
+        started = time.monotonic()
         while self.works:
             try:
-                self.works[0].wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+                self.works[0].wait(timeout=datetime.timedelta(seconds=self.comm.timeout_s))
             except RuntimeError as e:
-                raise CollectiveTimeout(
-                    f"zerocore: {self.what} did not finish within {self.timeout_s:g} s ({e}). Another rank probably "
-                    "stopped calling collectives (diverged control flow, an exception, or a crash); check the "
-                    "other ranks' logs. Raise comm_timeout_s if the operation is just slow.") from e
+                raise self.comm.explain_failure(self.what, e, time.monotonic() - started) from e
             self.works.pop(0)
+        self.comm.retire(self.tensors)
+        self.tensors = []
         return self.result
 
 
@@ -77,6 +146,20 @@ class Collectives:
         self.strategy = strategy or default_strategy(self.backend)
         self.timeout_s = timeout_s
         self.closed = False
+        self.uid = "unset"                 # same on every rank once the engine agreed on it (store keys)
+        self._incidents = 0
+        self._releasing: List[tuple] = []  # (tensor, use count before launch, launch) the backend may hold
+        self._launches = 0
+
+    # ------------------------------------------------------------------------------------ launch helpers
+    def _pending(self, launch, result, what: str, tensors: Sequence[torch.Tensor]) -> Pending:
+        self._check_open()
+        self._launches += 1
+        self._sweep()
+        held = [(t, t._use_count(), self._launches) for t in tensors]
+        with _launching():
+            work = launch()
+        return Pending(self, work, result, what, held)
 
     def reduce(self, flat: torch.Tensor, shard_numel: int, what: str,
                out: Optional[torch.Tensor] = None) -> Pending:
@@ -93,34 +176,148 @@ class Collectives:
             return pending
         if out is None:
             out = torch.empty(shard_numel, dtype=flat.dtype, device=flat.device)
-        work = _reduce_scatter(out, flat, group=self.group, async_op=True)
-        return Pending(work, out, f"reduce_scatter of {what}", self.timeout_s)
+        return self._pending(lambda: _reduce_scatter(out, flat, group=self.group, async_op=True), out,
+                             f"reduce_scatter of {what}", (out, flat))
 
     def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
         """Start summing `t` over ranks in place; wait() gives `t`."""
         self._check_open()
         if self.world_size == 1:
-            return Pending(None, t, what, self.timeout_s)
-        work = dist.all_reduce(t, group=self.group, async_op=True)
-        return Pending(work, t, f"all_reduce (reduction) of {what}", self.timeout_s)
+            return Pending(self, None, t, what)
+        return self._pending(lambda: dist.all_reduce(t, group=self.group, async_op=True), t,
+                             f"all_reduce (reduction) of {what}", (t,))
 
     def gather(self, flat: torch.Tensor, shard_numel: int, what: str) -> Pending:
         """Start filling every rank's part of `flat` from its owner (this rank's part is already current)."""
         self._check_open()
         if self.world_size == 1:
-            return Pending(None, flat, what, self.timeout_s)
+            return Pending(self, None, flat, what)
         lo, hi = self.rank * shard_numel, (self.rank + 1) * shard_numel
         if self.strategy == "all_reduce":
             ranks = (list(range(self.world_size)) if self.group is None
                      else dist.get_process_group_ranks(self.group))
-            works = [dist.broadcast(flat[r * shard_numel:(r + 1) * shard_numel], src=ranks[r], group=self.group,
-                                    async_op=True) for r in range(self.world_size)]
-            return Pending(works, flat, f"broadcast (gather) of {what}", self.timeout_s)
+            parts = [flat[r * shard_numel:(r + 1) * shard_numel] for r in range(self.world_size)]
+            return self._pending(
+                lambda: [dist.broadcast(parts[r], src=ranks[r], group=self.group, async_op=True)
+                         for r in range(self.world_size)], flat, f"broadcast (gather) of {what}", parts)
         # NCCL gathers in place when the input is this rank's chunk of the output; gloo wants its own input.
         src = flat[lo:hi] if self.backend == "nccl" else flat[lo:hi].clone()
-        work = _all_gather(flat, src, group=self.group, async_op=True)
-        return Pending(work, flat, f"all_gather of {what}", self.timeout_s)
+        return self._pending(lambda: _all_gather(flat, src, group=self.group, async_op=True), flat,
+                             f"all_gather of {what}", (flat, src))
 
+    def broadcast(self, t: torch.Tensor, src: int, what: str) -> Pending:
+        """Start copying group rank `src`'s `t` to every rank."""
+        self._check_open()
+        if self.world_size == 1:
+            return Pending(self, None, t, what)
+        global_src = src if self.group is None else dist.get_global_rank(self.group, src)
+        return self._pending(lambda: dist.broadcast(t, src=global_src, group=self.group, async_op=True), t,
+                             f"broadcast of {what}", (t,))
+
+    def all_gather_rows(self, row: torch.Tensor, what: str) -> torch.Tensor:
+        """Every rank's `row` (same shape on all ranks) stacked in rank order, synchronously, with the timeout."""
+        self._check_open()
+        if self.world_size == 1:
+            return row.reshape(1, -1).clone()
+        out = torch.empty(self.world_size * row.numel(), dtype=row.dtype, device=row.device)
+        src = row.reshape(-1).contiguous()
+        self._pending(lambda: _all_gather(out, src, group=self.group, async_op=True), out,
+                      f"all_gather of {what}", (out, src)).wait()
+        return out.view(self.world_size, -1)
+
+    def all_gather_object(self, obj, what: str) -> list:
+        """Every rank's picklable `obj`, in rank order, with the timeout (unlike dist.all_gather_object)."""
+        if self.world_size == 1:
+            return [obj]
+        device = self.device
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+        sizes = self.all_gather_rows(size, f"sizes for {what}").reshape(-1).tolist()
+        row = torch.zeros(max(sizes), dtype=torch.uint8)
+        row[:data.numel()] = data
+        rows = self.all_gather_rows(row.to(device), what).cpu()
+        return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(sizes)]
+
+    def all_reduce_small(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Sum a small tensor over ranks in place, synchronously, with the timeout."""
+        if self.world_size > 1:
+            self.all_reduce(t, what).wait()
+        return t
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives want their tensors."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # --------------------------------------------------------------------------------- release and exit
+    def retire(self, tensors: list) -> None:
+        """Keep the tensors of a finished collective until the backend has let go of them ([Note: exit])."""
+        if tensors:
+            self._releasing.extend(tensors)
+
+    def _sweep(self) -> None:
+        if self._releasing:
+            oldest = self._launches - RELEASE_MAX_AGE
+            self._releasing = [e for e in self._releasing if e[0]._use_count() > e[1] and e[2] > oldest]
+
+    def settle(self, timeout_s: float = SETTLE_S) -> None:
+        """Return once the backend holds none of the tensors of finished collectives: bounded by timeout_s, and
+        by SETTLE_IDLE_S without progress (what is still referenced then is held by someone else, e.g. a view
+        made afterwards, not by the backend, which lets go microseconds after a collective completes)."""
+        deadline = time.monotonic() + timeout_s
+        self._sweep()
+        left, progress_at = len(self._releasing), time.monotonic()
+        while self._releasing and time.monotonic() < min(deadline, progress_at + SETTLE_IDLE_S):
+            time.sleep(0.0005)
+            self._sweep()
+            if len(self._releasing) < left:
+                left, progress_at = len(self._releasing), time.monotonic()
+
+    # ------------------------------------------------------------------------------------------ failures
+    def explain_failure(self, what: str, error: RuntimeError, elapsed_s: float) -> CollectiveError:
+        """The error to raise for a collective that failed after `elapsed_s` seconds."""
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if elapsed_s >= 0.95 * self.timeout_s or "timed out" in text.lower() or "timeout" in text.lower():
+            return CollectiveTimeout(
+                f"zerocore: {what} did not finish within {elapsed_s:.3g} s (comm_timeout_s={self.timeout_s:g}; "
+                f"{text}). Another rank stopped calling collectives (diverged control flow, an exception, or a "
+                "hang); check the other ranks' logs. Raise comm_timeout_s if the operation is just slow.")
+        missing = self._unresponsive_ranks()
+        if missing is None:
+            who = ("the rendezvous store cannot be reached either, so the rank that hosts it (rank 0 under "
+                   "init_method tcp://, or torchrun's agent) is gone too")
+        elif missing:
+            who = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {self.world_size} "
+                   f"did not answer within {PEER_POLL_S:g} s: exited, crashed or raised an error (see its log), "
+                   "or still blocked waiting on another rank")
+        else:
+            who = "every rank answered afterwards, so the connection itself failed"
+        return PeerFailure(f"zerocore: {what} failed after {elapsed_s:.3g} s because a peer closed its "
+                           f"connection ({text}); {who}. Every rank must run the same training loop; fix the "
+                           "failing rank and restart the job.", missing)
+
+    def _unresponsive_ranks(self) -> Optional[List[int]]:
+        """Ranks that do not check in through the store within PEER_POLL_S ([Note: peer failure])."""
+        self._incidents += 1
+        prefix = f"zerocore/{self.uid}/incident{self._incidents}/"
+        group = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
+        store = group.get_group_store() if hasattr(group, "get_group_store") else \
+            dist.distributed_c10d._get_default_store()
+        try:
+            store.set(prefix + str(self.rank), "alive")
+            others = [r for r in range(self.world_size) if r != self.rank]
+            deadline = time.monotonic() + PEER_POLL_S
+            while True:
+                missing = [r for r in others if not store.check([prefix + str(r)])]
+                if not missing or time.monotonic() >= deadline:
+                    return missing
+                time.sleep(0.05)
+        except (RuntimeError, OSError):   # the store's host is gone (DistStoreError is a RuntimeError)
+            return None
+
+    # -------------------------------------------------------------------------------------------- state
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("zerocore: this ZeroOptimizer was closed (close() drops its process group); "
@@ -130,10 +327,3 @@ class Collectives:
         """Forget the process group (the engine issues no collective afterwards)."""
         self.group = None
         self.closed = True
-
-    def all_reduce_small(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        """Sum a small tensor over ranks in place, synchronously, with the timeout."""
-        self._check_open()
-        if self.world_size > 1:
-            Pending(dist.all_reduce(t, group=self.group, async_op=True), t, what, self.timeout_s).wait()
-        return t

@@ -45,6 +45,9 @@ class ZeroConfig:
         clean steps, halved after `hysteresis` consecutive overflows, never below min_loss_scale);
         a number = static scale.
     comm_timeout_s: seconds any collective may take before it raises an error naming the operation.
+    sync_module_states: at construction, broadcast rank 0's parameters and buffers to every rank (as DDP does
+        and FSDP's option of this name); False instead checks that every rank holds the same values and
+        raises naming the first parameter that differs.
     max_inflight_reductions: stage 2: units whose reduction may be in flight at once (bounds bucket memory).
     host_block_cache: models on the host (CPU training): while this optimizer is open, serve CPU tensors of
         1 MiB and more from zerocore's block cache (zerocore/zero/host_memory.py), which reuses freed blocks by
@@ -75,6 +78,7 @@ class ZeroConfig:
     max_inflight_reductions: int = 2
     collective_strategy: Optional[str] = None
     host_block_cache: bool = True
+    sync_module_states: bool = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -82,8 +86,8 @@ class ZeroConfig:
         set_("reduce_dtype", parse_dtype(self.reduce_dtype, "reduce_dtype"))
         set_("betas", tuple(float(b) for b in self.betas))
         if self.stage not in (1, 2):
-            raise ValueError(f"stage={self.stage!r} is not supported by ZeroOptimizer: use 1 or 2 "
-                             "(stage 3 is a separate engine)")
+            raise ValueError(f"stage={self.stage!r} is not supported: this version of ZeroOptimizer implements "
+                             "stage 1 (optimizer state partitioned) and stage 2 (also gradients); use 1 or 2")
         _positive("lr", self.lr, allow_zero=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two numbers in [0, 1), e.g. (0.9, 0.999)")
@@ -103,18 +107,19 @@ class ZeroConfig:
             raise ValueError(f"hysteresis={self.hysteresis} and loss_scale_window={self.loss_scale_window} "
                              "must be >= 1")
         _positive("min_loss_scale", self.min_loss_scale)
-        if self.offload_optimizer not in (None, "none", "cpu", "nvme"):
-            raise ValueError(f"offload_optimizer={self.offload_optimizer!r}: use None, 'cpu' or 'nvme'")
-        if self.offload_optimizer == "none":
-            set_("offload_optimizer", None)
         if self.offload_optimizer == "nvme":
             raise NotImplementedError("offload_optimizer='nvme' is not available in this version: use 'cpu' "
                                       "(host memory) or None")
+        if self.offload_optimizer not in (None, "none", "cpu"):
+            raise ValueError(f"offload_optimizer={self.offload_optimizer!r}: use None or 'cpu'")
+        if self.offload_optimizer == "none":
+            set_("offload_optimizer", None)
         _positive("comm_timeout_s", self.comm_timeout_s)
         if self.max_inflight_reductions < 1:
             raise ValueError(f"max_inflight_reductions={self.max_inflight_reductions} must be >= 1")
-        if not isinstance(self.host_block_cache, bool):
-            raise ValueError(f"host_block_cache={self.host_block_cache!r} must be True or False")
+        for flag in ("host_block_cache", "sync_module_states", "overlap_comm", "adamw"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
         if self.collective_strategy not in (None, "all_reduce", "scatter_gather"):
             raise ValueError(f"collective_strategy={self.collective_strategy!r}: use None (choose per backend), "
                              "'all_reduce' or 'scatter_gather'")

@@ -1,24 +1,38 @@
 """Cross-rank check that every rank is about to shard the same model the same way.
 
-Every rank contributes a description (parameter names, shapes, dtypes, requires_grad, group, plus engine
-options); all ranks receive all descriptions through one all_gather_object, so all of them reach the same
-verdict and raise the same error naming the first difference: nobody is left waiting in a later collective.
+Every rank contributes a description (parameter names, shapes, dtypes, requires_grad, group, optionally a
+digest of each parameter's values, plus the engine's options and hyperparameters); all ranks receive all
+descriptions through one exchange bounded by comm_timeout_s, so all of them reach the same verdict and raise
+the same error naming the first difference: nobody is left waiting in a later collective.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import zlib
+from typing import List, Optional, Sequence, Tuple
 
-import torch.distributed as dist
+import torch
 
 
 class RankMismatchError(RuntimeError):
-    """Ranks disagree about the model or the engine options (raised on every rank)."""
+    """Ranks disagree about the model, the engine options or where they are in the training loop (raised on
+    every rank that can tell)."""
 
 
-def describe(named_params: Sequence[Tuple[str, object]], groups: Sequence[int], options: dict) -> dict:
-    return {"options": dict(options),
-            "params": [(n, tuple(p.shape), str(p.dtype), bool(p.requires_grad), int(g))
-                       for (n, p), g in zip(named_params, groups)]}
+def value_digest(t: torch.Tensor) -> int:
+    """crc32 of a tensor's bytes (to compare values across ranks without sending them)."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return zlib.crc32(memoryview(data))
+
+
+def describe(named_params: Sequence[Tuple[str, object]], groups: Sequence[int], options: dict,
+             digests: Optional[Sequence[int]] = None) -> dict:
+    params = [(n, tuple(p.shape), str(p.dtype), bool(p.requires_grad), int(g))
+              for (n, p), g in zip(named_params, groups)]
+    return {"options": dict(options), "params": params,
+            "digests": list(digests) if digests is not None else None}
+
+
+_FIELDS = ("name", "shape", "dtype", "requires_grad", "param group")
 
 
 def first_difference(a: dict, b: dict) -> str:
@@ -29,27 +43,31 @@ def first_difference(a: dict, b: dict) -> str:
     pa, pb = a["params"], b["params"]
     for i, (x, y) in enumerate(zip(pa, pb)):
         if x != y:
-            fields_ = ("name", "shape", "dtype", "requires_grad", "param group")
-            which = next(f for f, u, v in zip(fields_, x, y) if u != v)
-            return f"parameter #{i} ({x[0]!r} vs {y[0]!r}): {which} {x[fields_.index(which)]!r} vs " \
-                   f"{y[fields_.index(which)]!r}"
+            which = next(f for f, u, v in zip(_FIELDS, x, y) if u != v)
+            return f"parameter #{i} ({x[0]!r} vs {y[0]!r}): {which} {x[_FIELDS.index(which)]!r} vs " \
+                   f"{y[_FIELDS.index(which)]!r}"
     if len(pa) != len(pb):
         extra = (pa if len(pa) > len(pb) else pb)[min(len(pa), len(pb))]
         return f"number of parameters: {len(pa)} vs {len(pb)} (first extra: {extra[0]!r})"
+    da, db = a.get("digests"), b.get("digests")
+    if da is not None and db is not None:
+        for (name, *_), x, y in zip(pa, da, db):
+            if x != y:
+                return (f"the values of {name!r} (crc32 {x:08x} vs {y:08x}); with sync_module_states=False every "
+                        "rank must initialize identical weights (same seed), or leave sync_module_states=True "
+                        "to copy rank 0's")
     return ""
 
 
-def check_ranks_agree(description: dict, group=None) -> None:
-    """Raise RankMismatchError on every rank if any rank's description differs from rank 0's."""
-    world = dist.get_world_size(group)
-    if world == 1:
-        return
-    everyone: List[dict] = [None] * world
-    dist.all_gather_object(everyone, description, group=group)
-    for r in range(1, world):
+def check_ranks_agree(description: dict, comm) -> List[dict]:
+    """Raise RankMismatchError on every rank if any rank's description differs from rank 0's; returns every
+    rank's description (in rank order). `comm` is the engine's Collectives (its timeout bounds the wait)."""
+    everyone = comm.all_gather_object(description, "the cross-rank check of the model and options")
+    for r in range(1, len(everyone)):
         diff = first_difference(everyone[0], everyone[r])
         if diff:
             raise RankMismatchError(
                 f"zerocore ZeroOptimizer: rank {r} differs from rank 0 in {diff}. Every rank must build the same "
                 "model (same parameter names, shapes, dtypes, requires_grad and param groups) and pass the same "
-                "options before constructing ZeroOptimizer.")
+                "options and hyperparameters before constructing ZeroOptimizer.")
+    return everyone

@@ -38,6 +38,7 @@ from torch.autograd import Variable
 from zerocore.ops import buckets as bucket_ops
 
 from .collectives import Collectives
+from .phases import Phase
 from .units import Unit, unit_views
 
 
@@ -134,13 +135,17 @@ class GradReducer:
 
     def __init__(self, units: List[Unit], comm: Collectives, *, stage: int, grad_dtype: torch.dtype,
                  reduce_dtype: torch.dtype, accumulation_steps: int, overlap: bool, max_inflight: int,
-                 shard_store: Optional[torch.Tensor], shard_offsets: List[int], num_params: int):
+                 shard_store: Optional[torch.Tensor], shard_offsets: List[int], num_params: int,
+                 phases=None):
         self.units, self.comm, self.stage = units, comm, stage
+        self.phases = phases            # PhaseAgreement: a reducing backward first checks every rank is in one
         self.reduce_dtype, self.accumulation_steps = reduce_dtype, accumulation_steps
         self.overlap, self.max_inflight = overlap, max_inflight
         self.world_size = comm.world_size
-        # Stage 1 reduces the persistent gradient buffers in place unless a dtype change forces a bucket.
-        self.in_place = stage == 1 and reduce_dtype == grad_dtype
+        # Stage 1 reduces the persistent gradient buffers in place unless a dtype change forces a bucket, or the
+        # reduced shards must land in a store elsewhere (offload of a GPU model: the store is on the host).
+        self.in_place = stage == 1 and reduce_dtype == grad_dtype and (
+            shard_store is None or shard_store.device == units[0].flat.device)
         self.shard_store = shard_store
         self.shard_views = [None if shard_store is None else shard_store[o:o + u.shard_numel]
                             for u, o in zip(units, shard_offsets)]
@@ -171,12 +176,15 @@ class GradReducer:
         if self.in_place:
             for u in units:
                 self.grad_flats[u.index] = torch.zeros(u.padded_numel, dtype=grad_dtype, device=u.flat.device)
-                self.grad_views[u.index] = unit_views(u, self.grad_flats[u.index])
-                for s, v in zip(u.slots, self.grad_views[u.index]):
-                    s.param.grad = v
+                self._bind_grad_views(u)
         self._reset_backward_state()
         self.handles = []
         self.in_backward = False
+        self.failed = False             # a gradient hook or the end of a backward raised: see discard()
+        # True while ZeroOptimizer.backward() drives the pass: it calls end_backward() itself once
+        # loss.backward() returned. (An autograd callback is queued on the graph task that runs the first hook,
+        # which under reentrant checkpointing can be a nested one that ends before the outer pass.)
+        self.ended_by_caller = False
 
     # ----------------------------------------------------------------------------------------------- setup
     def attach(self) -> None:
@@ -195,6 +203,55 @@ class GradReducer:
             _, pendings = self.inflight.popleft()
             for p in pendings:
                 p.wait()
+
+    def _bind_grad_views(self, u: Unit) -> None:
+        self.grad_views[u.index] = unit_views(u, self.grad_flats[u.index])
+        for s, v in zip(u.slots, self.grad_views[u.index]):
+            s.param.grad = v
+
+    def rebind_grads(self, keep_values: bool = True) -> None:
+        """Stage 1 in place: if something replaced a parameter's .grad view or its storage (module.to() applies
+        to gradients too), copy its values back into the unit's gradient buffer (unless discarding) and
+        restore the views."""
+        if not self.in_place:
+            return
+        for u in self.units:
+            flat, moved = self.grad_flats[u.index], False
+            for s, v in zip(u.slots, self.grad_views[u.index]):
+                g = s.param.grad
+                if g is v and (s.numel == 0 or v.data_ptr() == flat[s.offset:].data_ptr()):
+                    continue
+                moved = True
+                if keep_values and g is not None and g.shape == s.shape:
+                    flat[s.offset:s.offset + s.numel].copy_(g.detach().reshape(-1))
+            if moved:
+                self._bind_grad_views(u)
+
+    def discard(self) -> None:
+        """Forget everything since the last step, including what a backward pass that raised left behind:
+        reductions still in flight are waited for, buckets go back to the pool, every gradient is dropped.
+
+        A pass that raised part-way on this rank only has launched some of its units' reductions, and its peers
+        (whose pass went on) launched all of theirs: the rest are launched here as zeros, so that every rank
+        issued the same collectives and the next phase agreement tells the ranks apart (phases.py) instead of
+        a reduction waiting for its peer until the timeout."""
+        if self.in_backward and self.reducing:
+            for u in range(self.next_launch, len(self.units)):
+                self._launch(u)
+            self.next_launch = len(self.units)
+        self.drain()
+        for u, b in enumerate(self.buckets):
+            if b is not None:
+                self.pool.put(b)
+        self.in_backward = False
+        self.failed = False
+        self._reset_backward_state()
+        self.rebind_grads(keep_values=False)
+        self.clear_window()
+        for u in self.units:
+            for s in u.slots:
+                if not self.in_place:
+                    s.param.grad = None
 
     def _reset_backward_state(self) -> None:
         n = len(self.units)
@@ -218,12 +275,27 @@ class GradReducer:
                 "(it updates on every k-th call) or after exactly k backward passes.")
 
     def _begin_backward(self) -> None:
+        self._begin_pass()
+        if not self.ended_by_caller:
+            Variable._execution_engine.queue_callback(self.end_backward)
+
+    def _begin_pass(self) -> None:
         self._check_window()
+        reducing = self.stage == 2 or self._is_boundary_pass()
+        if reducing and self.phases is not None:
+            # before any reduction: see [Note: phase agreement]
+            self.phases.exchange(Phase.BACKWARD, micro_step=self.micro_steps)
         self.in_backward = True
-        self.reducing = self.stage == 2 or self._is_boundary_pass()
-        Variable._execution_engine.queue_callback(self.end_backward)
+        self.reducing = reducing
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
+        try:
+            self._take_grad(p)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _take_grad(self, p: torch.nn.Parameter) -> None:
         if not self.in_backward:
             self._begin_backward()
         u, k = self.where[id(p)]
@@ -410,6 +482,13 @@ class GradReducer:
 
     def end_backward(self) -> None:
         """End of a backward pass: launch what is left (in unit order), wait for everything."""
+        try:
+            self._end_backward()
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _end_backward(self) -> None:
         if not self.in_backward:
             self._begin_backward_without_grads()
         if self.reducing:
@@ -424,9 +503,7 @@ class GradReducer:
 
     def _begin_backward_without_grads(self) -> None:
         # A backward that reached no trainable parameter still has to take part in the reductions.
-        self._check_window()
-        self.in_backward = True
-        self.reducing = self.stage == 2 or self._is_boundary_pass()
+        self._begin_pass()
 
     # ------------------------------------------------------------------------------------------- window
     def reduced_shards(self) -> List[torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import secrets
 import weakref
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Union
@@ -24,22 +25,30 @@ import torch.distributed as dist
 
 from zerocore.ops import adam as adam_ops
 
+from . import host_memory, state_dict as sd_format
+from .bindings import Bindings
 from .collectives import Collectives
 from .config import ZeroConfig
-from .consistency import check_ranks_agree, describe
+from .consistency import check_ranks_agree, describe, value_digest
 from .grad_reducer import GradReducer
-from . import host_memory
 from .loss_scaler import make_loss_scaler
 from .memory import formula_bytes, host_empty, storage_bytes
+from .phases import Phase, PhaseAgreement
 from .units import Unit, build_units, materialize
 
-_FORMAT = "zerocore.zero/1"
+# Options every rank must agree on are all of ZeroConfig's but these (local to a rank by nature).
+_LOCAL_OPTIONS = ("comm_timeout_s", "host_block_cache", "nvme_path")
+
+
+# How long the exit hook waits for collectives still in flight (the gathers of the last step) before it lets
+# the interpreter finalize; a peer that is gone fails them at once.
+EXIT_WAIT_S = 60.0
 
 
 def _release_at_exit(ref) -> None:
     opt = ref()
     if opt is not None and not getattr(opt, "_closed", False):
-        opt._release()
+        opt._finish(raise_errors=False)
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -78,10 +87,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         cfg = config if isinstance(config, ZeroConfig) else (
             ZeroConfig.from_deepspeed(config) if config is not None else None)
         cfg = ZeroConfig.from_kwargs(cfg, **options)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"ZeroOptimizer takes the model (a torch.nn.Module), not {type(model).__name__}: "
+                            "write ZeroOptimizer(model, ...), not ZeroOptimizer(model.parameters(), ...); give "
+                            "parameters their own hyperparameters with param_groups=[{'params': [...], 'lr': ...}]")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ZeroOptimizer needs torch.distributed: call torch.distributed.init_process_group "
                                "first (launch with `torchrun --nproc_per_node N script.py`; a single process "
-                               "can use init_process_group('gloo', rank=0, world_size=1)).")
+                               "can use init_process_group('gloo', init_method='tcp://127.0.0.1:29500', rank=0, "
+                               "world_size=1)).")
         self.config, self.model = cfg, model
         self.comm = Collectives(process_group, cfg.comm_timeout_s, cfg.collective_strategy)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
@@ -92,11 +106,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("ZeroOptimizer: the model has no parameter with requires_grad=True")
         groups, group_of = self._resolve_groups(param_groups, trainable)
         names_group = {n: g for (n, _), g in zip(trainable, group_of)}
-        check_ranks_agree(describe(named_all, [names_group.get(n, -1) for n, _ in named_all], {
-            "stage": cfg.stage, "dtype": str(cfg.dtype), "reduce_dtype": str(cfg.reduce_dtype),
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "bucket_size": cfg.bucket_size,
-            "offload_optimizer": cfg.offload_optimizer, "collective_strategy": self.comm.strategy,
-            "num_param_groups": len(groups)}), self.comm.group)
+        agreed = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(cfg).items()
+                  if k not in _LOCAL_OPTIONS}
+        agreed.update(collective_strategy=self.comm.strategy,
+                      param_groups=[sorted((k, v) for k, v in g.items() if k != "param_names") for g in groups])
+        description = describe(named_all, [names_group.get(n, -1) for n, _ in named_all], agreed,
+                               digests=None if cfg.sync_module_states else [value_digest(p) for _, p in named_all])
+        description["uid"] = secrets.token_hex(8)
+        everyone = check_ranks_agree(description, self.comm)
+        self.comm.uid = everyone[0]["uid"]      # names this engine's keys in the store (collectives.py)
 
         devices = {p.device for _, p in trainable}
         dtypes = {p.dtype for _, p in trainable}
@@ -111,6 +129,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.mixed = self.compute_dtype != torch.float32
         self.offload = cfg.offload_optimizer == "cpu"
         self.reduce_dtype = cfg.reduce_dtype or self.compute_dtype
+        if cfg.sync_module_states:
+            self._broadcast_module_states(model)
 
         module_of = self._registering_module(model, trainable)
         self.units: List[Unit] = build_units(trainable, group_of, bucket_size=cfg.bucket_size,
@@ -122,6 +142,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.shard_total = total
         self.num_trainable = len(trainable)
         self.param_names = [n for n, _ in trainable]
+        # One agreement row carries the step's squared norm, a has-gradient flag per parameter and (first step)
+        # the unit order this rank saw forward use.
+        self.phases = PhaseAgreement(self.comm, 1 + len(trainable) + len(self.units),
+                                     self.device if self.comm.device.type == "cuda" else self.comm.device)
         self.psi = sum(p.numel() for _, p in trainable)
 
         state_device = torch.device("cpu") if self.offload else self.device
@@ -147,21 +171,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     p.data = p.data.to(cfg.dtype)
         # Host-side copy of the updated low-precision shard, only when Adam runs on the host for a GPU model.
         self._param_staging = self._alloc(total, self.compute_dtype) if (
-            self.offload and self.device.type != "cpu") else None
+            self.offload and self.device.type != "cpu" and self.mixed) else None
 
         # From here on the engine's and autograd's large host tensors come from the block cache (host_memory.py).
         self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
 
         try:
             ga = cfg.gradient_accumulation_steps
-            needs_store = cfg.stage == 2 or self.reduce_dtype != self.compute_dtype
+            # Offload of a GPU model: the reduced shards must reach the host, so stage 1 keeps a store there too.
+            needs_store = cfg.stage == 2 or self.reduce_dtype != self.compute_dtype or (
+                self.offload and self.device.type != "cpu")
             store_dtype = torch.float32 if ga > 1 else self.reduce_dtype
             self.grad_store = self._alloc(total, store_dtype).zero_() if needs_store else None
             self.reducer = GradReducer(self.units, self.comm, stage=cfg.stage, grad_dtype=self.compute_dtype,
                                        reduce_dtype=self.reduce_dtype, accumulation_steps=ga,
                                        overlap=cfg.overlap_comm, max_inflight=cfg.max_inflight_reductions,
                                        shard_store=self.grad_store, shard_offsets=self.shard_offsets,
-                                       num_params=len(trainable))
+                                       num_params=len(trainable), phases=self.phases)
             self.reducer.attach()
 
             by_name = dict(trainable)
@@ -183,13 +209,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # A half-built optimizer must not leave hooks on the model or hold the process-wide cache.
             if hasattr(self, "reducer"):
                 self.reducer.detach()
-            for h in getattr(self, "_hooks", []):
+            for h in getattr(self, "_hooks", []) + getattr(self, "_fixed_hooks", []):
                 h.remove()
             self._leave_host_cache()
             raise
         self._constructed = True
 
     # ---------------------------------------------------------------------------------------- construction
+    @torch.no_grad()
+    def _broadcast_module_states(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers (sync_module_states, as DDP and FSDP do)."""
+        tensors = [p for p in model.parameters()] + [b for b in model.buffers()]
+        pending = []
+        for t in tensors:
+            data = t.detach()
+            if data.numel() == 0 or data.device.type != self.comm.device.type:
+                continue              # (NCCL cannot broadcast a GPU model's host buffers; they stay per rank)
+            target = data if data.is_contiguous() else data.contiguous()
+            pending.append((data, target, self.comm.broadcast(target, 0, f"rank 0's {tuple(data.shape)} "
+                                                                            "parameter or buffer")))
+        for data, target, p in pending:
+            p.wait()
+            if target is not data:
+                data.copy_(target)
+        # Let go of the references kept for the backend ([Note: exit]) now: they would keep the parameters'
+        # original storage alive after materialize() moved them into the unit buffers.
+        del pending, tensors
+        self.comm.settle()
+
     def add_param_group(self, param_group: dict) -> None:
         """Used by torch.optim.Optimizer.__init__ only: units are fixed once built.
 
@@ -255,8 +302,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._fire_pos: Dict[torch.nn.Module, int] = {}
         self._wait_map: Optional[Dict[torch.nn.Module, List[int]]] = None
         self._gather_order: List[int] = []
+        self._bindings = Bindings(model, self.units)
+        self._fixed_hooks = [model.register_forward_pre_hook(lambda *a: self._check_bindings(), prepend=True),
+                             model.register_state_dict_pre_hook(lambda *a, **k: self.wait_for_params())]
         self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in model.modules()]
-        self._hooks.append(model.register_state_dict_pre_hook(lambda *a, **k: self.wait_for_params()))
 
     def _pre_forward(self, module, args):
         if self._wait_map is None:
@@ -291,10 +340,31 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     pos = self._fire_pos.get(w, -1)
                     first_use[u.index] = min(first_use.get(u.index, pos), pos)
         self._wait_map = {m: sorted(us) for m, us in wait_map.items()}
+        # Only a proposal: ranks that ran different branches saw different orders, and gathers issued in different
+        # orders on different ranks would exchange the wrong units. The first step adopts rank 0's (step()).
         self._gather_order = sorted(range(len(self.units)), key=lambda i: (first_use.get(i, -1), -i))
-        for h in self._hooks[:-1]:
+        self._gather_order_agreed = False
+        for h in self._hooks:
             h.remove()
-        self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in self._wait_map] + self._hooks[-1:]
+        self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in self._wait_map]
+
+    @torch.no_grad()
+    def _check_bindings(self, at_step: bool = False) -> None:
+        """Rebind, adopt or refuse parameters whose storage was replaced (see [Note: parameter bindings])."""
+        moved = self._bindings.moved(check_registration=at_step)
+        if moved:
+            self.wait_for_params()          # the buffers are complete before they are compared or written
+            for u, s in moved:
+                if self.master is None or not s.owned_numel:
+                    Bindings.rebind(u, s, adopt_values=at_step)
+                    continue
+                off = self.shard_offsets[u.index] + s.shard_pos
+                before = u.flat[s.offset + s.own_start:s.offset + s.own_end].clone()
+                if Bindings.rebind(u, s, adopt_values=at_step):
+                    now = s.param.detach().reshape(-1)[s.own_start:s.own_end]
+                    changed = now != before          # only adopted values reach the fp32 master
+                    self.master[off:off + s.owned_numel][changed] = now[changed].float()
+        self.reducer.rebind_grads()
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -309,12 +379,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward() with the loss scale applied (fp16) and the engine's bookkeeping."""
         self.comm._check_open()
+        self._check_unfinished_backward()
         self.wait_for_params()
-        before = self.reducer.micro_steps
+        r = self.reducer
+        before = r.micro_steps
         scale = self.loss_scaler.scale
-        (loss * scale if scale != 1.0 else loss).backward()
-        if self.reducer.micro_steps == before:       # no trainable parameter got a gradient: still take part
-            self.reducer.end_backward()
+        r.ended_by_caller = True
+        try:
+            (loss * scale if scale != 1.0 else loss).backward()
+        finally:
+            r.ended_by_caller = False
+        if r.micro_steps == before:      # end the pass (or, if no trainable parameter got a gradient, take part)
+            r.end_backward()
+
+    def _check_unfinished_backward(self) -> None:
+        if self.reducer.in_backward or self.reducer.failed:
+            raise RuntimeError("zerocore: the last backward pass did not finish (it raised an error), so its "
+                               "gradients are incomplete. Call opt.zero_grad() to discard them, then run the "
+                               "micro-step again.")
 
     def close(self) -> None:
         """Finish in-flight collectives, remove the engine's hooks from the model and drop the process group.
@@ -329,8 +411,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         if getattr(self, "_closed", False):
             return
-        self.wait_for_params()
-        self.reducer.drain()
+        self._finish(raise_errors=True)
+
+    def _finish(self, raise_errors: bool) -> None:
+        """Wait for in-flight collectives and for the backend to let go of their tensors ([Note: exit] in
+        collectives.py), then release everything; errors are raised (close()) or reported (exit hook)."""
+        if not raise_errors:
+            self.comm.timeout_s = min(self.comm.timeout_s, EXIT_WAIT_S)
+        try:
+            self.wait_for_params()
+            self.reducer.drain()
+        except Exception as e:  # noqa: BLE001 - the exit hook must not raise; close() re-raises below
+            if raise_errors:
+                self._release()
+                raise
+            import sys
+            print(f"zerocore: at exit, in-flight collectives failed: {e}", file=sys.stderr)
+        self.comm.settle()
         self._release()
 
     def __del__(self):
@@ -350,9 +447,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _release(self) -> None:
         """Drop hooks, pooled buckets and the process group without waiting for anything."""
         self.reducer.detach()
-        for h in self._hooks:
+        for h in self._hooks + self._fixed_hooks:
             h.remove()
-        self._hooks = []
+        self._hooks, self._fixed_hooks = [], []
         self._pending.clear()
         self.reducer.inflight.clear()
         self.reducer.pool.clear()
@@ -368,11 +465,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard gradients accumulated since the last step (a no-op right after a deferred step() call,
-        so DeepSpeed-style loops that call step() and zero_grad() every micro-step keep accumulating)."""
+        so DeepSpeed-style loops that call step() and zero_grad() every micro-step keep accumulating).
+        What a backward pass that raised left behind is always discarded."""
+        r = self.reducer
+        if r.failed or r.in_backward:
+            r.discard()                   # a backward that raised: reductions, buckets, partial gradients
+            self._deferred_step = False
+            return
         if self._deferred_step:
             return
-        if self.reducer.micro_steps > 0:
-            self.reducer.clear_window()
+        if r.micro_steps > 0:
+            r.discard()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -380,6 +483,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise NotImplementedError("ZeroOptimizer.step does not take a closure: run forward/backward first")
         self.comm._check_open()
+        self._check_unfinished_backward()
+        self._check_bindings(at_step=True)
         self.wait_for_params()
         r, cfg = self.reducer, self.config
         if r.micro_steps < cfg.gradient_accumulation_steps:
@@ -391,18 +496,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._wait_map is None:
             self._build_wait_map()
         if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()     # async copies of reduced shards to the host are done
+            torch.cuda.current_stream(self.device).synchronize()     # async copies of reduced shards to the host are done
         shards = r.reduced_shards()
-        sq = torch.zeros(1 + self.num_trainable, dtype=torch.float32, device=shards[0].device if shards else None)
+        n = 1 + self.num_trainable
+        sq = torch.zeros(n + len(self.units), dtype=torch.float64, device=shards[0].device if shards else None)
         if self.grad_store is not None:
             sq[0] = torch.linalg.vector_norm(self.grad_store, dtype=torch.float32).square()
         else:
             sq[0] = torch.stack([torch.linalg.vector_norm(s, dtype=torch.float32) for s in shards]).square().sum()
-        sq[1:] = torch.frombuffer(bytearray(r.has_grad), dtype=torch.uint8).to(sq.device, torch.float32)
-        sq = sq.to(self.device)                      # NCCL reduces device tensors (offload keeps shards on host)
-        self.comm.all_reduce_small(sq, "all_reduce of the gradient norm and has-gradient flags")
-        total_sq = float(sq[0])
-        got = (sq[1:] > 0).tolist()
+        sq[1:n] = torch.frombuffer(bytearray(r.has_grad), dtype=torch.uint8).to(sq.device, torch.float64)
+        sq[n:] = torch.tensor(self._gather_order, dtype=torch.float64)
+        rows = self.phases.exchange(Phase.STEP, sq, micro_step=r.micro_steps)
+        if not self._gather_order_agreed:
+            self._gather_order = [int(i) for i in rows[0, n:].tolist()]
+            self._gather_order_agreed = True
+        # Summed in rank order, so every rank gets bit-identical totals (see [Note: phase agreement]).
+        total = rows[:, :n].sum(0)
+        total_sq = float(total[0])
+        got = (total[1:] > 0).tolist()
         divisor = r.grad_divisor * self.loss_scaler.scale
         if not math.isfinite(total_sq):
             self.loss_scaler.update(overflow=True)
@@ -480,7 +591,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _launch_gathers(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()   # updated shards (and staging copies) are complete
+            torch.cuda.current_stream(self.device).synchronize()   # updated shards (and staging copies) are complete
         order = self._gather_order or range(len(self.units) - 1, -1, -1)   # forward order, else reversed units
         for i in order:
             u = self.units[i]
@@ -509,30 +620,43 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                   "exp_avg": self.exp_avg[lo:lo + n].clone().cpu(),
                                   "exp_avg_sq": self.exp_avg_sq[lo:lo + n].clone().cpu()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {"format": _FORMAT, "world_size": self.world_size, "rank": self.rank, "stage": self.config.stage,
+        return {"format": sd_format.FORMAT, "world_size": self.world_size, "rank": self.rank, "stage": self.config.stage,
                 "params": params, "param_groups": groups, "loss_scaler": self.loss_scaler.state_dict(),
                 "global_steps": self.global_steps, "skipped_steps": self.skipped_steps}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: Union[dict, Sequence[dict]]) -> None:
         """Load a state_dict() of this rank, or a list of several ranks' dicts (any world size): each owned
-        range is assembled from whichever dicts hold it. Parameters are refreshed from the loaded masters."""
+        range is assembled from whichever dicts hold it. Parameters are refreshed from the loaded masters.
+
+        Every rank must call it. All or nothing on every rank (see [Note: atomic load] in state_dict.py): a
+        bad entry raises the same error on every rank, naming the rank and the parameter, and changes nothing."""
+        self.comm._check_open()
         sources = [state_dict] if isinstance(state_dict, dict) else list(state_dict)
-        for sd in sources:
-            if sd.get("format") != _FORMAT:
-                raise ValueError(f"not a ZeroOptimizer state dict (format {sd.get('format')!r}, want {_FORMAT!r})")
+        try:
+            problems = sd_format.validate(sources, self.units, len(self.param_groups)) if sources else \
+                ["no state dict was given"]
+        except Exception as e:  # noqa: BLE001 - a malformed dict must still reach the agreement below
+            problems = [f"the state dict is malformed ({type(e).__name__}: {e})"]
+        where = [float(len(problems)), 0.0, 0.0]
+        if not problems:                     # which checkpoint: the same on every rank, or a mix of runs
+            where[1:] = [float(sources[0]["global_steps"]), float(sources[0]["loss_scaler"]["scale"])]
+        rows = self.phases.exchange(Phase.LOAD, torch.tensor(where)).cpu()
+        if not rows[:, 0].any() and not (rows[:, 1:3] == rows[0, 1:3]).all():
+            problems = ["the ranks were given checkpoints of different steps: (global_steps, loss scale) per "
+                        f"rank {[tuple(r) for r in rows[:, 1:3].tolist()]}"]
+            rows[:, 0] = 1.0
+        if rows[:, 0].any():
+            everyone = self.comm.all_gather_object(problems[:3], "the load_state_dict problems of every rank")
+            lines = [f"rank {r}: {p}" for r, ps in enumerate(everyone) for p in ps]
+            raise ValueError("zerocore: load_state_dict refused the checkpoint on every rank and changed "
+                             "nothing:\n  " + "\n  ".join(lines))
         self.wait_for_params()
         for u, off in zip(self.units, self.shard_offsets):
             for s in u.slots:
-                entries = [sd["params"].get(s.name) for sd in sources]
-                if any(e is None for e in entries):
-                    raise KeyError(f"checkpoint has no entry for parameter {s.name!r}")
-                if any(tuple(e["shape"]) != tuple(s.shape) for e in entries):
-                    raise ValueError(f"parameter {s.name!r}: checkpoint shape {tuple(entries[0]['shape'])} "
-                                     f"!= model shape {tuple(s.shape)}")
+                entries = [e for e in (sd["params"].get(s.name) for sd in sources) if e is not None]
                 self.param_steps[s.index] = int(entries[0]["step"])
                 want_lo, want_hi = s.own_start, s.own_end
-                covered = 0
                 for e in entries:
                     a, b = max(want_lo, e["start"]), min(want_hi, e["end"])
                     if a >= b:
@@ -545,14 +669,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     self.exp_avg_sq[dst_lo:dst_lo + b - a].copy_(e["exp_avg_sq"][src])
                     pos = s.shard_pos + (a - want_lo)
                     u.shard_of(u.flat)[pos:pos + b - a].copy_(e["master"][src])
-                    covered += b - a
-                if covered < want_hi - want_lo:
-                    raise ValueError(f"parameter {s.name!r}: the given checkpoint(s) cover {covered} of the "
-                                     f"{want_hi - want_lo} elements this rank owns; pass every rank's state dict")
-        saved_groups = sources[0]["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"checkpoint has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")
-        for g, sg in zip(self.param_groups, saved_groups):
+        for g, sg in zip(self.param_groups, sources[0]["param_groups"]):
             g.update({k: v for k, v in sg.items() if k != "param_names"})
         self.loss_scaler.load_state_dict(sources[0]["loss_scaler"])
         self.global_steps = int(sources[0]["global_steps"])

@@ -1,0 +1,107 @@
+"""The optimizer's per-parameter state dict: build it, validate a loaded one, write it - all or nothing.
+
+[Note: atomic load]
+load_state_dict() first validates every entry this rank needs (format, shapes, the dtype and length of every
+tensor, ranges inside the parameter, full coverage of what this rank owns, step counts, groups, loss scaler)
+without writing anything, then every rank tells the others whether it passed (through the phase agreement, see
+phases.py), and only if every rank passed does any rank write. So a bad checkpoint raises the same error on
+every rank, naming the rank, the parameter and the problem, and changes nothing anywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence
+
+import torch
+
+FORMAT = "zerocore.zero/1"
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+TOP_KEYS = ("params", "param_groups", "loss_scaler", "global_steps", "skipped_steps")
+GROUP_KEYS = {"lr", "betas", "eps", "weight_decay"}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate(sources: Sequence[dict], units, num_groups: int) -> List[str]:
+    """Everything wrong with loading `sources` into these units (empty when it can be loaded)."""
+    problems: List[str] = []
+    for i, sd in enumerate(sources):
+        if not isinstance(sd, dict) or sd.get("format") != FORMAT:
+            got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
+            return [f"state dict #{i} is not a ZeroOptimizer state dict (format {got!r}, want {FORMAT!r})"]
+        missing = [k for k in TOP_KEYS if k not in sd]
+        if missing:
+            return [f"state dict #{i} lacks {missing}: it is truncated or not from ZeroOptimizer.state_dict()"]
+    for u in units:
+        for s in u.slots:
+            entries = [(i, sd["params"].get(s.name)) for i, sd in enumerate(sources)]
+            entries = [(i, e) for i, e in entries if e is not None]
+            if not entries:
+                problems.append(f"parameter {s.name!r}: the checkpoint has no entry for it")
+                continue
+            spans = []
+            for i, e in entries:
+                where = f"parameter {s.name!r} (state dict #{i})"
+                bad = _entry_problem(e, s)
+                if bad:
+                    problems.append(f"{where}: {bad}")
+                else:
+                    spans.append((e["start"], e["end"]))
+            if len(spans) == len(entries):
+                covered = _covered(spans, s.own_start, s.own_end)
+                if covered < s.owned_numel:
+                    problems.append(f"parameter {s.name!r}: the given state dict(s) cover {covered} of the "
+                                    f"{s.owned_numel} elements this rank owns; pass every rank's state dict")
+    groups = sources[0]["param_groups"]
+    if not isinstance(groups, (list, tuple)) or len(groups) != num_groups:
+        n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
+        problems.append(f"the checkpoint has {n} param groups, the optimizer has {num_groups}")
+    else:
+        for gi, g in enumerate(groups):
+            for k in GROUP_KEYS & set(g):
+                v = g[k]
+                ok = all(isinstance(x, (int, float)) and math.isfinite(x) for x in (v if k == "betas" else [v]))
+                if not ok:
+                    problems.append(f"param group {gi}: {k}={v!r} is not a finite number")
+    scaler = sources[0]["loss_scaler"]
+    if not isinstance(scaler, dict) or not isinstance(scaler.get("scale"), (int, float)) or \
+            not (math.isfinite(scaler["scale"]) and scaler["scale"] > 0):
+        problems.append(f"loss_scaler {scaler!r} has no positive finite 'scale'")
+    for k in ("global_steps", "skipped_steps"):
+        if not _is_int(sources[0][k]) or sources[0][k] < 0:
+            problems.append(f"{k}={sources[0][k]!r} is not a non-negative integer")
+    return problems
+
+
+def _entry_problem(e, s) -> str:
+    if not isinstance(e, dict):
+        return f"entry is a {type(e).__name__}, not a dict"
+    if tuple(e.get("shape", ())) != tuple(s.shape):
+        return f"checkpoint shape {tuple(e.get('shape', ()))} != model shape {tuple(s.shape)}"
+    lo, hi = e.get("start"), e.get("end")
+    if not (_is_int(lo) and _is_int(hi) and 0 <= lo <= hi <= s.numel):
+        return f"range [{lo!r}, {hi!r}) is not inside the parameter's {s.numel} elements"
+    if not _is_int(e.get("step")) or e["step"] < 0:
+        return f"step {e.get('step')!r} is not a non-negative integer"
+    for k in STATE_KEYS:
+        t = e.get(k)
+        if not isinstance(t, torch.Tensor):
+            return f"{k} is missing (got {type(t).__name__})"
+        if t.dtype != torch.float32:
+            return f"{k} has dtype {t.dtype}, expected torch.float32"
+        if t.dim() != 1 or t.numel() != hi - lo:
+            return f"{k} has shape {tuple(t.shape)}, expected ({hi - lo},) for the range [{lo}, {hi})"
+    return ""
+
+
+def _covered(spans, lo: int, hi: int) -> int:
+    """How many elements of [lo, hi) the union of `spans` covers."""
+    covered, at = 0, lo
+    for a, b in sorted(spans):
+        a, b = max(a, at), min(b, hi)
+        if a < b:
+            covered += b - a
+            at = b
+    return covered
