@@ -23,7 +23,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from zerocore.zero import ZeroOptimizer
 from zero_scenarios import (FP32_TOL, LOW_PRECISION_TOL, Special, batches, local, loss_of, mlp,
@@ -324,7 +323,7 @@ rank_unused_s1 = _rank_unused(1)
 rank_unused_s2 = _rank_unused(2)
 rank_unused_offload_s2 = _rank_unused(2, offload_optimizer="cpu")
 # The same, except that before the first step (step 0) every rank runs every branch, so all ranks see the same
-# modules run in the same order while the engine records its gather order (optimizer._build_wait_map). These
+# modules run in the same order while the engine records its gather order (schedule.GatherSchedule.finish_recording). These
 # isolate the gradient side (any-rank has-gradient flags, missing = zero, per-parameter step counts) from that.
 rank_unused_warm_s1 = _rank_unused(1, flags=warm_flags)
 rank_unused_warm_s2 = _rank_unused(2, flags=warm_flags)

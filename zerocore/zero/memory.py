@@ -60,3 +60,36 @@ def formula_bytes(stage: int, mixed: bool, psi: int, world_size: int) -> float:
     if mixed:
         return 4 * psi + 12 * psi / n if stage == 1 else 2 * psi + 14 * psi / n
     return 8 * psi + 8 * psi / n if stage == 1 else 4 * psi + 12 * psi / n
+
+
+def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bool, psi: int, world_size: int,
+                  host_cache) -> dict:
+    """Bytes a rank holds in parameters, gradients, fp32 masters, Adam state and pooled buckets, measured from
+    the live tensors, beside the ZeRO formula for this stage and precision (ZeroOptimizer.memory_report)."""
+    report = {
+        "params": storage_bytes(u.flat for u in units),
+        "gradients": storage_bytes(reducer.held_gradient_tensors()),
+        "master": storage_bytes([store.master]),
+        "optimizer_state": storage_bytes([store.exp_avg, store.exp_avg_sq]),
+        "staging": storage_bytes([store.staging]),
+        "pooled_buckets": reducer.pool.free_bytes,
+        "host_block_cache": host_cache,
+        "psi": psi, "world_size": world_size,
+        "padding_elements": sum(u.padded_numel - u.numel for u in units),
+        "stage": stage, "mixed_precision": mixed, "offload": offload,
+        "grad_shard_dtype": str(store.grad_store.dtype) if store.grad_store is not None else None,
+    }
+    report["model_states"] = report["params"] + report["gradients"] + report["master"] + \
+        report["optimizer_state"] + report["staging"]
+    report["formula"] = formula_bytes(stage, mixed, psi, world_size)
+    report["note"] = ("stage 2 keeps the reduced gradient shard in the reduce dtype when "
+                      "gradient_accumulation_steps == 1 and in fp32 when it is > 1; CPU offload of a GPU model "
+                      "keeps a separate fp32 master on the host (+4Ψ/N with fp32 params; on a CPU model the fp32 "
+                      "params are the masters) and, in stage 1, the reduced gradient shards there too; "
+                      "pooled_buckets (not part of the formula or model_states) are "
+                      "the reduction slabs kept between steps: at most (max_inflight_reductions + 1) x the "
+                      "biggest bucket in the reduce dtype (a unit, or on gloo the part of a unit that is not "
+                      "reduced directly), the most that backward has live at once; "
+                      "host_block_cache: counters of the process's host block cache while this optimizer "
+                      "uses it (None: torch's allocator), live_bytes including the buffers above")
+    return report

@@ -1,39 +1,38 @@
 """ZeroOptimizer: ZeRO stage 1 and 2 data parallelism for any PyTorch model (Adam / AdamW).
 
-[Note: step]
-step() waits for the window's reductions, then one small all_reduce carries this rank's squared gradient norm
-(its shards only, so the sum over ranks is the global norm) and a has-gradient flag per parameter. A
-non-finite sum means some rank overflowed: every rank skips the step and backs the loss scale off. Otherwise the
-fused Adam op runs over all of this rank's shards of a parameter group in one call (masters, m, v, the reduced
-gradient shard and, in mixed precision, the low-precision parameter shard it writes in the same pass), with the
-averaging, loss-scale and clipping factors folded into its grad_scale. Parameters no rank produced a gradient
-for are left untouched and keep their own step count, as torch.optim does. Finally each unit's updated shard
-is all-gathered asynchronously, in forward order; a forward pre-hook waits for a unit only when a module that
-uses it starts, so the gathers overlap the next forward.
+This file wires the engine's parts and holds the public API; each part has one job:
+    units.py         layout: units of parameters, their flat buffers, which slice each rank owns
+    state_store.py   where this rank's masters, Adam state and reduced gradient shards live (device or host)
+    grad_reducer.py  gradient hooks, buckets and per-unit reductions during backward
+    phases.py        the cross-rank agreement each backward, step and load begins with
+    step.py          norm, overflow, clipping and the fused Adam update over owned runs ([Note: step])
+    schedule.py      forward order, the per-unit gathers after a step and where forward waits for them
+    bindings.py      parameters replaced after construction: rebind, adopt or refuse
+    state_dict.py    the per-parameter state dict: build, validate, load all or nothing
+    collectives.py   the collectives with timeouts, peer-failure naming and clean exits
+    consistency.py   the construction-time check that all ranks build the same model with the same options
 """
 from __future__ import annotations
 
 import atexit
-import math
 import secrets
 import weakref
-from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-from zerocore.ops import adam as adam_ops
-
-from . import host_memory, state_dict as sd_format
+from . import host_memory, state_dict as sd_format, step as step_ops
 from .bindings import Bindings
 from .collectives import Collectives
 from .config import ZeroConfig
 from .consistency import check_ranks_agree, describe, value_digest
 from .grad_reducer import GradReducer
 from .loss_scaler import make_loss_scaler
-from .memory import formula_bytes, host_empty, storage_bytes
+from .memory import memory_report
 from .phases import Phase, PhaseAgreement
+from .schedule import GatherSchedule
+from .state_store import StateStore
 from .units import Unit, build_units, materialize
 
 # Options every rank must agree on are all of ZeroConfig's but these (local to a rank by nature).
@@ -62,7 +61,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     adamw=True, dtype=None (compute dtype, e.g. torch.bfloat16; fp32 masters are kept), reduce_dtype=None,
     bucket_size=5_000_000 (elements per unit), overlap_comm=True, gradient_accumulation_steps=1,
     gradient_clipping=0.0, loss_scale=None (fp16: dynamic), offload_optimizer=None | "cpu",
-    comm_timeout_s=1800. `config` may be a ZeroConfig, or a DeepSpeed config dict / JSON path; keyword
+    comm_timeout_s=1800, sync_module_states=True (every rank starts from rank 0's parameters and buffers). `config` may be a ZeroConfig, or a DeepSpeed config dict / JSON path; keyword
     options override it. `param_groups` takes torch-style groups (tensors or parameter names).
 
     Gradient accumulation: call step() after every backward (it updates on every k-th call) or after k
@@ -135,11 +134,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         module_of = self._registering_module(model, trainable)
         self.units: List[Unit] = build_units(trainable, group_of, bucket_size=cfg.bucket_size,
                                              world_size=self.world_size, rank=self.rank, module_of=module_of)
-        self.shard_offsets, total = [], 0
-        for u in self.units:
-            self.shard_offsets.append(total)
-            total += u.shard_numel
-        self.shard_total = total
         self.num_trainable = len(trainable)
         self.param_names = [n for n, _ in trainable]
         # One agreement row carries the step's squared norm, a has-gradient flag per parameter and (first step)
@@ -148,43 +142,26 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                      self.device if self.comm.device.type == "cuda" else self.comm.device)
         self.psi = sum(p.numel() for _, p in trainable)
 
-        state_device = torch.device("cpu") if self.offload else self.device
-        self._alloc = (lambda n, dt: host_empty(n, dt)) if self.offload else \
-            (lambda n, dt: torch.empty(n, dtype=dt, device=state_device))
-        self.exp_avg = self._alloc(total, torch.float32).zero_()
-        self.exp_avg_sq = self._alloc(total, torch.float32).zero_()
-        # fp32 params are their own masters; lower precision keeps a separate fp32 shard, and so does offload of
-        # a GPU model (the master must live on the host). Offload of an fp32 model already on the host updates
-        # its parameter shards in place like the non-offload path: a second fp32 copy would only cost 4Ψ/N.
-        needs_master = self.mixed or (self.offload and self.device.type != "cpu")
-        self.master = self._alloc(total, torch.float32).zero_() if needs_master else None
-        if self.master is not None:        # from the original values, before any cast to the compute dtype
-            for u, off in zip(self.units, self.shard_offsets):
-                for s in u.owned_slots():
-                    self.master[off + s.shard_pos:off + s.shard_pos + s.owned_numel].copy_(
-                        s.param.detach().reshape(-1)[s.own_start:s.own_end])
+        self.store = StateStore(self.units, device=self.device, compute_dtype=self.compute_dtype,
+                                offload=self.offload, stage=cfg.stage, reduce_dtype=self.reduce_dtype,
+                                accumulation_steps=cfg.gradient_accumulation_steps)
+        self.shard_offsets = self.store.offsets
+        self.store.init_masters()          # from the original values, before any cast to the compute dtype
         for u in self.units:
             materialize(u, self.compute_dtype, self.device)
         if cfg.dtype is not None:
             for _, p in named_all:
                 if not p.requires_grad and p.is_floating_point():
                     p.data = p.data.to(cfg.dtype)
-        # Host-side copy of the updated low-precision shard, only when Adam runs on the host for a GPU model.
-        self._param_staging = self._alloc(total, self.compute_dtype) if (
-            self.offload and self.device.type != "cpu" and self.mixed) else None
 
         # From here on the engine's and autograd's large host tensors come from the block cache (host_memory.py).
         self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
 
         try:
-            ga = cfg.gradient_accumulation_steps
-            # Offload of a GPU model: the reduced shards must reach the host, so stage 1 keeps a store there too.
-            needs_store = cfg.stage == 2 or self.reduce_dtype != self.compute_dtype or (
-                self.offload and self.device.type != "cpu")
-            store_dtype = torch.float32 if ga > 1 else self.reduce_dtype
-            self.grad_store = self._alloc(total, store_dtype).zero_() if needs_store else None
+            self.store.allocate_grad_store()   # after the block cache took over: it serves this buffer too
             self.reducer = GradReducer(self.units, self.comm, stage=cfg.stage, grad_dtype=self.compute_dtype,
-                                       reduce_dtype=self.reduce_dtype, accumulation_steps=ga,
+                                       reduce_dtype=self.reduce_dtype,
+                                       accumulation_steps=cfg.gradient_accumulation_steps,
                                        overlap=cfg.overlap_comm, max_inflight=cfg.max_inflight_reductions,
                                        shard_store=self.grad_store, shard_offsets=self.shard_offsets,
                                        num_params=len(trainable), phases=self.phases)
@@ -200,8 +177,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.skipped_steps = 0
             self.global_steps = 0
             self._deferred_step = False
-            self._pending: Dict[int, object] = {}
-            self._install_forward_hooks(model)
+            self._bindings = Bindings(model, self.units)
+            self._fixed_hooks = [
+                model.register_forward_pre_hook(lambda *a: self._check_bindings(), prepend=True),
+                model.register_state_dict_pre_hook(lambda *a, **k: self.wait_for_params())]
+            self.schedule = GatherSchedule(model, self.units, self.comm, cfg.overlap_comm)
             # If the program ends without close(), drop the hooks and the group before interpreter shutdown
             # starts (see [Note: teardown] in collectives.py); a weak reference, so this keeps nothing alive.
             atexit.register(_release_at_exit, weakref.ref(self))
@@ -209,8 +189,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             # A half-built optimizer must not leave hooks on the model or hold the process-wide cache.
             if hasattr(self, "reducer"):
                 self.reducer.detach()
-            for h in getattr(self, "_hooks", []) + getattr(self, "_fixed_hooks", []):
+            for h in getattr(self, "_fixed_hooks", []):
                 h.remove()
+            if hasattr(self, "schedule"):
+                self.schedule.remove_hooks()
             self._leave_host_cache()
             raise
         self._constructed = True
@@ -295,59 +277,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     first_owner.setdefault(id(p), mi)
         return [first_owner[id(p)] for _, p in trainable]
 
-    def _install_forward_hooks(self, model) -> None:
-        # Until the first step, record which modules run forward and in which order: a parameter is waited for
-        # by the nearest module (itself or an ancestor) that actually runs (e.g. MultiheadAttention reads
-        # out_proj.weight without calling out_proj).
-        self._fire_pos: Dict[torch.nn.Module, int] = {}
-        self._wait_map: Optional[Dict[torch.nn.Module, List[int]]] = None
-        self._gather_order: List[int] = []
-        self._bindings = Bindings(model, self.units)
-        self._fixed_hooks = [model.register_forward_pre_hook(lambda *a: self._check_bindings(), prepend=True),
-                             model.register_state_dict_pre_hook(lambda *a, **k: self.wait_for_params())]
-        self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in model.modules()]
-
-    def _pre_forward(self, module, args):
-        if self._wait_map is None:
-            self._fire_pos.setdefault(module, len(self._fire_pos))
-        elif self._pending:
-            for u in self._wait_map.get(module, ()):
-                pending = self._pending.pop(u, None)
-                if pending is not None:
-                    pending.wait()
-
-    def _build_wait_map(self) -> None:
-        parent = {}
-        for name, m in self.model.named_modules():
-            for cname, c in m.named_children():
-                parent.setdefault(c, m)
-        owners = defaultdict(list)
-        for m in self.model.modules():
-            for p in m._parameters.values():
-                if p is not None:
-                    owners[id(p)].append(m)
-        wait_map: Dict[torch.nn.Module, set] = defaultdict(set)
-        first_use: Dict[int, int] = {}
-        for u in self.units:
-            for s in u.slots:
-                for m in owners[id(s.param)]:
-                    w = m
-                    while w not in self._fire_pos and w in parent:
-                        w = parent[w]
-                    if w not in self._fire_pos:
-                        w = self.model           # never saw it run: wait at the start of the model's forward
-                    wait_map[w].add(u.index)
-                    pos = self._fire_pos.get(w, -1)
-                    first_use[u.index] = min(first_use.get(u.index, pos), pos)
-        self._wait_map = {m: sorted(us) for m, us in wait_map.items()}
-        # Only a proposal: ranks that ran different branches saw different orders, and gathers issued in different
-        # orders on different ranks would exchange the wrong units. The first step adopts rank 0's (step()).
-        self._gather_order = sorted(range(len(self.units)), key=lambda i: (first_use.get(i, -1), -i))
-        self._gather_order_agreed = False
-        for h in self._hooks:
-            h.remove()
-        self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in self._wait_map]
-
     @torch.no_grad()
     def _check_bindings(self, at_step: bool = False) -> None:
         """Rebind, adopt or refuse parameters whose storage was replaced (see [Note: parameter bindings])."""
@@ -365,6 +294,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     changed = now != before          # only adopted values reach the fp32 master
                     self.master[off:off + s.owned_numel][changed] = now[changed].float()
         self.reducer.rebind_grads()
+
+    # ------------------------------------------------------------------------------ state (views of the parts)
+    master = property(lambda self: self.store.master, doc="fp32 masters of this rank's shards (None: fp32 params)")
+    exp_avg = property(lambda self: self.store.exp_avg, doc="Adam's first moment over this rank's shards")
+    exp_avg_sq = property(lambda self: self.store.exp_avg_sq, doc="Adam's second moment over this rank's shards")
+    grad_store = property(lambda self: self.store.grad_store, doc="reduced gradient shards kept between steps")
+    _param_staging = property(lambda self: self.store.staging)
+    _pending = property(lambda self: self.schedule.pending)
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -447,10 +384,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _release(self) -> None:
         """Drop hooks, pooled buckets and the process group without waiting for anything."""
         self.reducer.detach()
-        for h in self._hooks + self._fixed_hooks:
+        for h in self._fixed_hooks:
             h.remove()
-        self._hooks, self._fixed_hooks = [], []
-        self._pending.clear()
+        self._fixed_hooks = []
+        self.schedule.remove_hooks()
+        self.schedule.pending.clear()
         self.reducer.inflight.clear()
         self.reducer.pool.clear()
         self.comm.close()
@@ -459,9 +397,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def wait_for_params(self) -> None:
         """Wait for every in-flight parameter all-gather (forward does this per unit by itself)."""
-        while self._pending:
-            _, pending = self._pending.popitem()
-            pending.wait()
+        self.schedule.wait_all()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard gradients accumulated since the last step (a no-op right after a deferred step() call,
@@ -493,40 +429,35 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._deferred_step = False
         if self._uses_host_cache:
             host_memory.end_step()
-        if self._wait_map is None:
-            self._build_wait_map()
+        if not self.schedule.recorded:
+            self.schedule.finish_recording()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()     # async copies of reduced shards to the host are done
         shards = r.reduced_shards()
         n = 1 + self.num_trainable
-        sq = torch.zeros(n + len(self.units), dtype=torch.float64, device=shards[0].device if shards else None)
-        if self.grad_store is not None:
-            sq[0] = torch.linalg.vector_norm(self.grad_store, dtype=torch.float32).square()
-        else:
-            sq[0] = torch.stack([torch.linalg.vector_norm(s, dtype=torch.float32) for s in shards]).square().sum()
-        sq[1:n] = torch.frombuffer(bytearray(r.has_grad), dtype=torch.uint8).to(sq.device, torch.float64)
-        sq[n:] = torch.tensor(self._gather_order, dtype=torch.float64)
-        rows = self.phases.exchange(Phase.STEP, sq, micro_step=r.micro_steps)
-        if not self._gather_order_agreed:
-            self._gather_order = [int(i) for i in rows[0, n:].tolist()]
-            self._gather_order_agreed = True
+        payload = torch.zeros(n + len(self.units), dtype=torch.float64, device=shards[0].device if shards else None)
+        payload[0] = step_ops.squared_norm(self.store, shards)
+        payload[1:n] = torch.frombuffer(bytearray(r.has_grad), dtype=torch.uint8).to(payload.device, torch.float64)
+        payload[n:] = torch.tensor(self.schedule.order, dtype=torch.float64)
+        rows = self.phases.exchange(Phase.STEP, payload, micro_step=r.micro_steps)
+        if not self.schedule.order_agreed:
+            self.schedule.adopt_order([int(i) for i in rows[0, n:].tolist()])
         # Summed in rank order, so every rank gets bit-identical totals (see [Note: phase agreement]).
         total = rows[:, :n].sum(0)
         total_sq = float(total[0])
         got = (total[1:] > 0).tolist()
         divisor = r.grad_divisor * self.loss_scaler.scale
-        if not math.isfinite(total_sq):
+        if step_ops.is_overflow(total_sq):
             self.loss_scaler.update(overflow=True)
             self.skipped_steps += 1
             self.global_grad_norm = float("inf")
             r.clear_window()
             return None
-        norm = math.sqrt(total_sq) / divisor
+        norm = step_ops.global_norm(total_sq, divisor)
         self.global_grad_norm = norm
-        coef = 1.0
-        if cfg.gradient_clipping > 0:
-            coef = min(1.0, cfg.gradient_clipping / (norm + 1e-6))
-        self._adam(shards, got, coef / divisor)
+        coef = step_ops.clip_coefficient(norm, cfg.gradient_clipping)
+        step_ops.adam_update(self.units, self.store, self.param_groups, shards, got, self.param_steps,
+                             coef / divisor, adamw=cfg.adamw, mixed=self.mixed)
         for i, g in enumerate(got):
             if g:
                 self.param_steps[i] += 1
@@ -536,69 +467,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._launch_gathers()
         return None
 
-    def _adam(self, shards: List[torch.Tensor], got: List[bool], grad_scale: float) -> None:
-        state_device = self.exp_avg.device
-        scale_t = torch.tensor([grad_scale], dtype=torch.float32, device=state_device)
-        found_inf = torch.zeros(1, dtype=torch.float32, device=state_device)
-        for gi, group in enumerate(self.param_groups):
-            calls = defaultdict(lambda: ([], [], [], [], [], []))    # step -> lists; last: (unit, lo, hi)
-            for u in self.units:
-                if u.group != gi:
-                    continue
-                off = self.shard_offsets[u.index]
-                for lo, hi, step in self._segments(u, got):
-                    lst = calls[step]
-                    lst[0].append(self.master[off + lo:off + hi] if self.master is not None
-                                  else u.shard_of(u.flat)[lo:hi])
-                    lst[1].append(self.exp_avg[off + lo:off + hi])
-                    lst[2].append(self.exp_avg_sq[off + lo:off + hi])
-                    lst[3].append(shards[u.index][lo:hi])
-                    if self.mixed:
-                        lst[4].append(self._param_staging[off + lo:off + hi] if self._param_staging is not None
-                                      else u.shard_of(u.flat)[lo:hi])
-                    lst[5].append((u, lo, hi))
-            beta1, beta2 = group["betas"]
-            for step, (ps, ms, vs, gs, outs, where) in sorted(calls.items()):
-                adam_ops.adam_step(ps, ms, vs, gs, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                   weight_decay=group["weight_decay"], step=step + 1, adamw=self.config.adamw,
-                                   params_out=outs, grad_scale=scale_t, found_inf=found_inf, check_finite=False)
-                # Where the updated values do not land in the parameters directly, copy them there.
-                if self.master is not None and not self.mixed:
-                    for (u, lo, hi), p in zip(where, ps):
-                        u.shard_of(u.flat)[lo:hi].copy_(p)
-                elif self._param_staging is not None:
-                    for (u, lo, hi), o in zip(where, outs):
-                        u.shard_of(u.flat)[lo:hi].copy_(o, non_blocking=True)
-
-    def _segments(self, u: Unit, got: List[bool]):
-        """Runs [lo, hi) of this rank's shard of unit u whose parameters all got a gradient and share a step."""
-        run = None
-        for s in u.owned_slots():
-            if not got[s.index]:
-                if run:
-                    yield run
-                run = None
-                continue
-            step = self.param_steps[s.index]
-            if run and run[2] == step and run[1] == s.shard_pos:
-                run = (run[0], s.shard_pos + s.owned_numel, step)
-            else:
-                if run:
-                    yield run
-                run = (s.shard_pos, s.shard_pos + s.owned_numel, step)
-        if run:
-            yield run
-
     def _launch_gathers(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()   # updated shards (and staging copies) are complete
-        order = self._gather_order or range(len(self.units) - 1, -1, -1)   # forward order, else reversed units
-        for i in order:
-            u = self.units[i]
-            self._pending[i] = self.comm.gather(u.flat, u.shard_numel,
-                                                f"unit {i} parameters ({u.numel} elements, {u.flat.dtype})")
-        if not self.config.overlap_comm:
-            self.wait_for_params()
+        self.schedule.launch()
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -606,23 +478,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         parameter this rank owns, its fp32 master / exp_avg / exp_avg_sq for that range, and its step count.
         Any set of ranks' dicts that covers every range can be loaded at any world size."""
         self.wait_for_params()
-        params = {}
-        for u, off in zip(self.units, self.shard_offsets):
-            for s in u.slots:
-                lo = off + s.shard_pos
-                n = s.owned_numel
-                if self.master is not None:
-                    master = self.master[lo:lo + n].clone()
-                else:
-                    master = u.shard_of(u.flat)[s.shard_pos:s.shard_pos + n].float().clone()
-                params[s.name] = {"shape": tuple(s.shape), "start": s.own_start, "end": s.own_end,
-                                  "step": self.param_steps[s.index], "master": master.cpu(),
-                                  "exp_avg": self.exp_avg[lo:lo + n].clone().cpu(),
-                                  "exp_avg_sq": self.exp_avg_sq[lo:lo + n].clone().cpu()}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {"format": sd_format.FORMAT, "world_size": self.world_size, "rank": self.rank, "stage": self.config.stage,
-                "params": params, "param_groups": groups, "loss_scaler": self.loss_scaler.state_dict(),
-                "global_steps": self.global_steps, "skipped_steps": self.skipped_steps}
+        return sd_format.build(self.units, self.store, self.param_steps, self.param_groups, {
+            "world_size": self.world_size, "rank": self.rank, "stage": self.config.stage,
+            "loss_scaler": self.loss_scaler.state_dict(), "global_steps": self.global_steps,
+            "skipped_steps": self.skipped_steps})
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: Union[dict, Sequence[dict]]) -> None:
@@ -652,23 +511,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("zerocore: load_state_dict refused the checkpoint on every rank and changed "
                              "nothing:\n  " + "\n  ".join(lines))
         self.wait_for_params()
-        for u, off in zip(self.units, self.shard_offsets):
-            for s in u.slots:
-                entries = [e for e in (sd["params"].get(s.name) for sd in sources) if e is not None]
-                self.param_steps[s.index] = int(entries[0]["step"])
-                want_lo, want_hi = s.own_start, s.own_end
-                for e in entries:
-                    a, b = max(want_lo, e["start"]), min(want_hi, e["end"])
-                    if a >= b:
-                        continue
-                    dst_lo = off + s.shard_pos + (a - want_lo)
-                    src = slice(a - e["start"], b - e["start"])
-                    if self.master is not None:
-                        self.master[dst_lo:dst_lo + b - a].copy_(e["master"][src])
-                    self.exp_avg[dst_lo:dst_lo + b - a].copy_(e["exp_avg"][src])
-                    self.exp_avg_sq[dst_lo:dst_lo + b - a].copy_(e["exp_avg_sq"][src])
-                    pos = s.shard_pos + (a - want_lo)
-                    u.shard_of(u.flat)[pos:pos + b - a].copy_(e["master"][src])
+        sd_format.write(sources, self.units, self.store, self.param_steps)
         for g, sg in zip(self.param_groups, sources[0]["param_groups"]):
             g.update({k: v for k, v in sg.items() if k != "param_names"})
         self.loss_scaler.load_state_dict(sources[0]["loss_scaler"])
@@ -682,30 +525,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes this rank holds in parameters, gradients, fp32 masters, Adam state and pooled buckets,
         measured from the live tensors, beside the ZeRO formula for this stage and precision."""
         self.wait_for_params()
-        report = {
-            "params": storage_bytes(u.flat for u in self.units),
-            "gradients": storage_bytes(self.reducer.held_gradient_tensors()),
-            "master": storage_bytes([self.master]),
-            "optimizer_state": storage_bytes([self.exp_avg, self.exp_avg_sq]),
-            "staging": storage_bytes([self._param_staging]),
-            "pooled_buckets": self.reducer.pool.free_bytes,
-            "host_block_cache": host_memory.report() if self._uses_host_cache else None,
-            "psi": self.psi, "world_size": self.world_size,
-            "padding_elements": sum(u.padded_numel - u.numel for u in self.units),
-            "stage": self.config.stage, "mixed_precision": self.mixed, "offload": self.offload,
-            "grad_shard_dtype": str(self.grad_store.dtype) if self.grad_store is not None else None,
-        }
-        report["model_states"] = report["params"] + report["gradients"] + report["master"] + \
-            report["optimizer_state"] + report["staging"]
-        report["formula"] = formula_bytes(self.config.stage, self.mixed, self.psi, self.world_size)
-        report["note"] = ("stage 2 keeps the reduced gradient shard in the reduce dtype when "
-                          "gradient_accumulation_steps == 1 and in fp32 when it is > 1; CPU offload of fp32 params "
-                          "of a GPU model keeps a separate fp32 master on the host (+4Ψ/N; on a CPU model the fp32 params are the "
-                          "masters); pooled_buckets (not part of the formula or model_states) are "
-                          "the reduction slabs kept between steps: at most (max_inflight_reductions + 1) x the "
-                          "biggest bucket in the reduce dtype (a unit, or on gloo the part of a unit that is not "
-                          "reduced directly), the most that backward has live at once; "
-                          "host_block_cache: counters of the process's host block cache while this optimizer "
-                          "uses it (None: torch's allocator), live_bytes including the buffers above")
-        return report
-
+        return memory_report(self.units, self.store, self.reducer, stage=self.config.stage, mixed=self.mixed,
+                             offload=self.offload, psi=self.psi, world_size=self.world_size,
+                             host_cache=host_memory.report() if self._uses_host_cache else None)

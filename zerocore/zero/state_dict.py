@@ -105,3 +105,44 @@ def _covered(spans, lo: int, hi: int) -> int:
             covered += b - a
             at = b
     return covered
+
+
+def build(units, store, param_steps: List[int], param_groups: List[dict], header: dict) -> dict:
+    """This rank's state dict: per parameter its full shape, the [start, end) of the flattened parameter this
+    rank owns, and for that range its fp32 master, exp_avg, exp_avg_sq and step count (host tensors)."""
+    params = {}
+    for u, off in zip(units, store.offsets):
+        for s in u.slots:
+            lo, n = off + s.shard_pos, s.owned_numel
+            params[s.name] = {"shape": tuple(s.shape), "start": s.own_start, "end": s.own_end,
+                              "step": param_steps[s.index],
+                              "master": store.master_of(u, s.shard_pos, s.shard_pos + n).float().clone().cpu(),
+                              "exp_avg": store.exp_avg[lo:lo + n].clone().cpu(),
+                              "exp_avg_sq": store.exp_avg_sq[lo:lo + n].clone().cpu()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
+    out = {"format": FORMAT, "world_size": header["world_size"], "rank": header["rank"], "stage": header["stage"],
+           "params": params, "param_groups": groups}
+    out.update((k, header[k]) for k in ("loss_scaler", "global_steps", "skipped_steps"))
+    return out
+
+
+@torch.no_grad()
+def write(sources: Sequence[dict], units, store, param_steps: List[int]) -> None:
+    """Copy validated sources (validate() found nothing) into this rank's ranges: masters, Adam state, steps,
+    and the parameters' own shards (gathered by the caller afterwards)."""
+    for u, off in zip(units, store.offsets):
+        for s in u.slots:
+            entries = [e for e in (sd["params"].get(s.name) for sd in sources) if e is not None]
+            param_steps[s.index] = int(entries[0]["step"])
+            for e in entries:
+                a, b = max(s.own_start, e["start"]), min(s.own_end, e["end"])
+                if a >= b:
+                    continue
+                pos = s.shard_pos + (a - s.own_start)
+                dst = slice(off + pos, off + pos + b - a)
+                src = slice(a - e["start"], b - e["start"])
+                if store.master is not None:
+                    store.master[dst].copy_(e["master"][src])
+                store.exp_avg[dst].copy_(e["exp_avg"][src])
+                store.exp_avg_sq[dst].copy_(e["exp_avg_sq"][src])
+                u.shard_of(u.flat)[pos:pos + b - a].copy_(e["master"][src])

@@ -1,0 +1,100 @@
+"""When each unit's updated parameters are gathered after a step, and where forward waits for them.
+
+[Note: gather schedule]
+Until the first step, a forward pre-hook on every module records which modules run and in which order. At the
+first step this becomes (a) the wait map: a unit is waited for by the nearest module (itself or an ancestor)
+that actually ran and uses it (MultiheadAttention reads out_proj.weight without calling out_proj), else by the
+model's own forward; and (b) a proposed gather order, the units by first use. Ranks that ran different branches
+propose different orders, and gathers issued in different orders on different ranks would exchange the wrong
+units, so the step's phase agreement carries the proposal and every rank adopts rank 0's. After each step all
+units' gathers are launched asynchronously in that order; a unit's waiting module blocks only on its own.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+
+from .units import Unit
+
+
+class GatherSchedule:
+    """Records forward order, launches the per-unit gathers after a step and waits for them in forward."""
+
+    def __init__(self, model: torch.nn.Module, units: List[Unit], comm, overlap: bool):
+        self.model, self.units, self.comm, self.overlap = model, units, comm, overlap
+        self.pending: Dict[int, object] = {}          # unit index -> in-flight gather
+        self._fire_pos: Dict[torch.nn.Module, int] = {}
+        self.wait_map: Optional[Dict[torch.nn.Module, List[int]]] = None
+        self.order: List[int] = []                    # agreed once the first step adopted rank 0's proposal
+        self.order_agreed = False
+        self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in model.modules()]
+
+    @property
+    def recorded(self) -> bool:
+        return self.wait_map is not None
+
+    def _pre_forward(self, module, args) -> None:
+        if self.wait_map is None:
+            self._fire_pos.setdefault(module, len(self._fire_pos))
+        elif self.pending:
+            for u in self.wait_map.get(module, ()):
+                pending = self.pending.pop(u, None)
+                if pending is not None:
+                    pending.wait()
+
+    def finish_recording(self) -> None:
+        """Build the wait map and this rank's proposed order from what forward ran (see the note)."""
+        parent = {}
+        for _, m in self.model.named_modules():
+            for _, c in m.named_children():
+                parent.setdefault(c, m)
+        owners = defaultdict(list)
+        for m in self.model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    owners[id(p)].append(m)
+        wait_map: Dict[torch.nn.Module, set] = defaultdict(set)
+        first_use: Dict[int, int] = {}
+        for u in self.units:
+            for s in u.slots:
+                for m in owners[id(s.param)]:
+                    w = m
+                    while w not in self._fire_pos and w in parent:
+                        w = parent[w]
+                    if w not in self._fire_pos:
+                        w = self.model           # never saw it run: wait at the start of the model's forward
+                    wait_map[w].add(u.index)
+                    pos = self._fire_pos.get(w, -1)
+                    first_use[u.index] = min(first_use.get(u.index, pos), pos)
+        self.wait_map = {m: sorted(us) for m, us in wait_map.items()}
+        self.order = sorted(range(len(self.units)), key=lambda i: (first_use.get(i, -1), -i))
+        self.remove_hooks()
+        self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in self.wait_map]
+
+    def adopt_order(self, order: List[int]) -> None:
+        """Take rank 0's proposal (from the step's phase agreement)."""
+        self.order = list(order)
+        self.order_agreed = True
+
+    def launch(self) -> None:
+        """Start every unit's gather (forward order, else reversed units: before the first step's agreement
+        every rank uses the same fallback)."""
+        order = self.order if self.order_agreed else range(len(self.units) - 1, -1, -1)
+        for i in order:
+            u = self.units[i]
+            self.pending[i] = self.comm.gather(u.flat, u.shard_numel,
+                                               f"unit {i} parameters ({u.numel} elements, {u.flat.dtype})")
+        if not self.overlap:
+            self.wait_all()
+
+    def wait_all(self) -> None:
+        while self.pending:
+            _, pending = self.pending.popitem()
+            pending.wait()
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,101 @@
+"""The optimizer step over this rank's shards: global norm and overflow from the phase agreement, clipping,
+and one fused Adam call per (param group, step count) over the runs of owned slots that got a gradient.
+
+[Note: step]
+step() waits for the window's reductions, then the step's phase agreement (phases.py) carries this rank's
+squared gradient norm (its shards only, so the sum over ranks is the global norm) and a has-gradient flag per
+parameter. A non-finite sum means some rank overflowed: every rank skips the step and backs the loss scale off.
+Otherwise the fused Adam op runs over all of this rank's shards of a parameter group in one call per step count
+(masters, m, v, the reduced gradient shard and, in mixed precision, the low-precision parameter shard it writes
+in the same pass), with the averaging, loss-scale and clipping factors folded into its grad_scale. Parameters no
+rank produced a gradient for are left untouched and keep their own step count, as torch.optim does.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterator, List, Tuple
+
+import torch
+
+from zerocore.ops import adam as adam_ops
+
+from .state_store import StateStore
+from .units import Unit
+
+
+def squared_norm(store: StateStore, shards: List[torch.Tensor]) -> torch.Tensor:
+    """This rank's squared gradient norm over its reduced shards (fp32 accumulation)."""
+    if store.grad_store is not None:
+        return torch.linalg.vector_norm(store.grad_store, dtype=torch.float32).square()
+    return torch.stack([torch.linalg.vector_norm(s, dtype=torch.float32) for s in shards]).square().sum()
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s factor (1.0 when clipping is off)."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+
+
+def is_overflow(total_sq: float) -> bool:
+    return not math.isfinite(total_sq)
+
+
+def global_norm(total_sq: float, divisor: float) -> float:
+    """The unscaled global gradient norm from the summed squares of the scaled, pre-divided gradients."""
+    return math.sqrt(total_sq) / divisor
+
+
+def segments(u: Unit, got: List[bool], param_steps: List[int]) -> Iterator[Tuple[int, int, int]]:
+    """Runs [lo, hi) of this rank's shard of unit u whose parameters all got a gradient and share a step."""
+    run = None
+    for s in u.owned_slots():
+        if not got[s.index]:
+            if run:
+                yield run
+            run = None
+            continue
+        step = param_steps[s.index]
+        if run and run[2] == step and run[1] == s.shard_pos:
+            run = (run[0], s.shard_pos + s.owned_numel, step)
+        else:
+            if run:
+                yield run
+            run = (s.shard_pos, s.shard_pos + s.owned_numel, step)
+    if run:
+        yield run
+
+
+def adam_update(units: List[Unit], store: StateStore, param_groups: List[dict], shards: List[torch.Tensor],
+                got: List[bool], param_steps: List[int], grad_scale: float, *, adamw: bool, mixed: bool) -> None:
+    """Fused Adam over every owned run that got a gradient; updated values end up in the parameters' shards."""
+    state_device = store.exp_avg.device
+    scale_t = torch.tensor([grad_scale], dtype=torch.float32, device=state_device)
+    found_inf = torch.zeros(1, dtype=torch.float32, device=state_device)
+    for gi, group in enumerate(param_groups):
+        calls = defaultdict(lambda: ([], [], [], [], [], []))    # step -> lists; last: (unit, lo, hi)
+        for u in units:
+            if u.group != gi:
+                continue
+            off = store.offsets[u.index]
+            for lo, hi, step in segments(u, got, param_steps):
+                lst = calls[step]
+                lst[0].append(store.master_of(u, lo, hi))
+                lst[1].append(store.exp_avg[off + lo:off + hi])
+                lst[2].append(store.exp_avg_sq[off + lo:off + hi])
+                lst[3].append(shards[u.index][lo:hi])
+                if mixed:
+                    lst[4].append(store.staging[off + lo:off + hi] if store.staging is not None
+                                  else u.shard_of(u.flat)[lo:hi])
+                lst[5].append((u, lo, hi))
+        beta1, beta2 = group["betas"]
+        for step, (ps, ms, vs, gs, outs, where) in sorted(calls.items()):
+            adam_ops.adam_step(ps, ms, vs, gs, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                               weight_decay=group["weight_decay"], step=step + 1, adamw=adamw,
+                               params_out=outs, grad_scale=scale_t, found_inf=found_inf, check_finite=False)
+            # Where the updated values do not land in the parameters directly, copy them there.
+            if store.master is not None and not mixed:
+                for (u, lo, hi), p in zip(where, ps):
+                    u.shard_of(u.flat)[lo:hi].copy_(p)
+            elif store.staging is not None:
+                for (u, lo, hi), o in zip(where, outs):
+                    u.shard_of(u.flat)[lo:hi].copy_(o, non_blocking=True)
