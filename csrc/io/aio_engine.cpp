@@ -309,9 +309,13 @@ void complete_piece(Piece& p, int err, uint64_t transferred) {
   RequestState& r = *p.req;
   if (err == ENODATA && p.op == Op::kRead) {
     struct stat st;
-    const std::string size = ::fstat(r.fd_buffered, &st) == 0 ? std::to_string(st.st_size) : "unknown";
-    r.fail(ErrorKind::kShortFile, ENODATA, p.file_offset + transferred,
-           "read of '" + r.req.path + "' hit end of file at offset " + std::to_string(p.file_offset + transferred) +
+    const bool sized = ::fstat(r.fd_buffered, &st) == 0;
+    const std::string size = sized ? std::to_string(st.st_size) : "unknown";
+    // Where the file ends, whichever piece noticed first: a piece that starts past the end reads nothing at its
+    // own offset, and the piece that holds the end may have been cancelled by then.
+    const uint64_t end = sized ? static_cast<uint64_t>(st.st_size) : p.file_offset + transferred;
+    r.fail(ErrorKind::kShortFile, ENODATA, end,
+           "read of '" + r.req.path + "' hit end of file at offset " + std::to_string(end) +
                ": the file is " + size + " bytes, shorter than the " + std::to_string(r.req.nbytes) +
                " bytes asked at offset " + std::to_string(r.req.offset) + " (errno " + std::to_string(ENODATA) + ")");
   } else if (err != 0 && err != ECANCELED) {
