@@ -46,7 +46,8 @@ SCRIPT = textwrap.dedent('''
 def _torchrun(script, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this checkout's zerocore
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
 
 

@@ -67,8 +67,12 @@ def test_single_process_hint_works_as_written(tmp_path):
             "hint = hint.replace('29500', str(free_port()))\n"
             "eval('dist.' + hint[:-1])\n"
             "opt = ZeroOptimizer(torch.nn.Linear(2, 2)); print('ok', opt.world_size)\n")
+    import os
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent          # this checkout's zerocore, whatever pip installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=str(__import__("pathlib").Path(__file__).parent))
+                          cwd=str(repo / "tests"), env=env)
     assert done.returncode == 0 and "ok 1" in done.stdout, done.stderr[-2000:]
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from zero_scenarios import LOCAL_BATCH, batches, local, loss_of, mlp, rel_err, train_reference
+from zero_scenarios import (LOCAL_BATCH, batches, local, loss_of, mlp, ranks_hold_same_params, rel_err,
+                            train_reference)
 from zerocore.zero import ZeroOptimizer
 from zerocore.zero.bindings import ParameterReplacedError
 from zerocore.zero.collectives import CollectiveTimeout
@@ -81,10 +82,7 @@ def _per_rank_seeds(stage):
         opt.backward(model(x).square().mean())
         opt.step()                                 # lr=0: parameters stay rank 0's on every rank
         opt.wait_for_params()
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        everyone = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(everyone, flat)
-        if not all(torch.equal(e, everyone[0]) for e in everyone):
+        if not ranks_hold_same_params(model, world):
             raise AssertionError("ranks hold different parameters after a step at lr=0")
         if not torch.equal(model.lin.weight, want.lin.weight):
             raise AssertionError("parameters are not rank 0's after a step at lr=0")

@@ -251,6 +251,14 @@ def train_zero(kind, data, rank, *, lr=1e-3, wd=0.01, groups=False, sched=False,
     return model, opt
 
 
+def ranks_hold_same_params(model, world) -> bool:
+    """Whether every rank holds bit-identical parameters (one all_gather)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(everyone, flat)
+    return all(torch.equal(e, flat) for e in everyone)
+
+
 def rel_err(model, ref, skip=()) -> float:
     errs = []
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):

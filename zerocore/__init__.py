@@ -10,7 +10,10 @@ def __getattr__(name):
     if name == "ZeroOptimizer":
         from .zero import ZeroOptimizer
         return ZeroOptimizer
+    if name == "consolidate":
+        from .zero.consolidate import consolidate
+        return consolidate
     raise AttributeError(f"module 'zerocore' has no attribute {name!r}")
 
 
-__all__ = ["ZeroOptimizer", "__version__"]
+__all__ = ["ZeroOptimizer", "consolidate", "__version__"]

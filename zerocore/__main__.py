@@ -1,5 +1,6 @@
 """Command line: `python -m zerocore report` (environment and op table), `python -m zerocore build [OP ...]`
-(compile op libraries into the cache now)."""
+(compile op libraries into the cache now), `python -m zerocore consolidate CKPT OUT` (a checkpoint's full model
+state dict as safetensors files)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,23 @@ def main(argv=None) -> int:
     build = commands.add_parser("build", help="compile op libraries into the cache now")
     build.add_argument("ops", nargs="*", help="op names (default: every op compatible with this machine)")
     build.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    cons = commands.add_parser("consolidate", help="write a checkpoint's full model state dict as safetensors "
+                               "(Hugging Face layout), one parameter at a time")
+    cons.add_argument("ckpt", help="the folder given to save_checkpoint")
+    cons.add_argument("out", help="output folder")
+    cons.add_argument("--tag", help="checkpoint tag (default: the one in CKPT/latest)")
+    cons.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    cons.add_argument("--max-shard-size", type=float, default=5e9, help="bytes per output file (default 5e9)")
     args = parser.parse_args(argv)
+
+    if args.command == "consolidate":
+        import torch
+        from .zero.consolidate import consolidate
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        for path in consolidate(args.ckpt, out=args.out, dtype=dtype, tag=args.tag,
+                                max_shard_bytes=int(args.max_shard_size)):
+            print(path)
+        return 0
 
     if args.command == "report":
         from .report import main as report_main

@@ -68,7 +68,10 @@ _BACKWARD_TLS_KEY = "context"
 RELEASE_MAX_AGE = 64
 # settle() gives the backend this long; gloo's worker drops a finished work microseconds after completing it.
 SETTLE_S = 5.0
-SETTLE_IDLE_S = 0.1
+SETTLE_IDLE_S = 1.0
+# What settle() could not see released outlives the engine: dropped with it, a tensor the backend still held
+# would hand its Python object to a worker thread that may only get to it during finalization.
+_UNSETTLED: List[tuple] = []
 
 
 class CollectiveError(RuntimeError):
@@ -327,3 +330,11 @@ class Collectives:
         """Forget the process group (the engine issues no collective afterwards)."""
         self.group = None
         self.closed = True
+        _UNSETTLED.extend(self._releasing)
+        self._releasing = []
+
+    def __del__(self):
+        try:
+            _UNSETTLED.extend(self._releasing)     # an engine dropped without close() (see _UNSETTLED)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -490,13 +490,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         Every rank must call it. All or nothing on every rank (see [Note: atomic load] in state_dict.py): a
         bad entry raises the same error on every rank, naming the rank and the parameter, and changes nothing."""
+        self._load(state_dict, [])
+
+    def _load(self, state_dict, problems: List[str]) -> None:
+        """load_state_dict, with `problems` this rank already found (e.g. reading a checkpoint) joining the
+        cross-rank agreement."""
         self.comm._check_open()
         sources = [state_dict] if isinstance(state_dict, dict) else list(state_dict)
-        try:
-            problems = sd_format.validate(sources, self.units, len(self.param_groups)) if sources else \
-                ["no state dict was given"]
-        except Exception as e:  # noqa: BLE001 - a malformed dict must still reach the agreement below
-            problems = [f"the state dict is malformed ({type(e).__name__}: {e})"]
+        if not problems:
+            try:
+                problems = sd_format.validate(sources, self.units, len(self.param_groups)) if sources else \
+                    ["no state dict was given"]
+            except Exception as e:  # noqa: BLE001 - a malformed dict must still reach the agreement below
+                problems = [f"the state dict is malformed ({type(e).__name__}: {e})"]
         where = [float(len(problems)), 0.0, 0.0]
         if not problems:                     # which checkpoint: the same on every rank, or a mix of runs
             where[1:] = [float(sources[0]["global_steps"]), float(sources[0]["loss_scaler"]["scale"])]
@@ -508,17 +514,58 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if rows[:, 0].any():
             everyone = self.comm.all_gather_object(problems[:3], "the load_state_dict problems of every rank")
             lines = [f"rank {r}: {p}" for r, ps in enumerate(everyone) for p in ps]
-            raise ValueError("zerocore: load_state_dict refused the checkpoint on every rank and changed "
-                             "nothing:\n  " + "\n  ".join(lines))
+            raise ValueError("zerocore: the checkpoint was refused on every rank and nothing was loaded "
+                             "(load_state_dict changed nothing):\n  " + "\n  ".join(lines))
         self.wait_for_params()
         sd_format.write(sources, self.units, self.store, self.param_steps)
         for g, sg in zip(self.param_groups, sources[0]["param_groups"]):
-            g.update({k: v for k, v in sg.items() if k != "param_names"})
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in sg.items()
+                      if k not in ("param_names", "params")})
         self.loss_scaler.load_state_dict(sources[0]["loss_scaler"])
         self.global_steps = int(sources[0]["global_steps"])
         self.skipped_steps = int(sources[0]["skipped_steps"])
         self._launch_gathers()
         self.wait_for_params()
+
+    def save_checkpoint(self, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_scheduler=None):
+        """Write this rank's shards, one manifest and `latest` under ckpt_dir/tag (default
+        "global_step{N}"), crash-safe: a crash or full disk midway leaves the previous checkpoints loadable
+        ([Note: checkpoint layout] in checkpoint.py). Every rank must call it. client_state: tensors and plain
+        Python data (loaded with weights_only=True); lr_scheduler: its state_dict() is saved too. Returns the
+        checkpoint's folder.
+
+        >>> # opt.save_checkpoint("ckpt", client_state={"epoch": 3}, lr_scheduler=sched)
+        """
+        from .checkpoint import save
+        return save(self, ckpt_dir, tag, client_state=client_state, lr_scheduler=lr_scheduler)
+
+    def load_checkpoint(self, ckpt_dir, tag: Optional[str] = None, lr_scheduler=None):
+        """Load a checkpoint written by save_checkpoint at any world size and stage 1 or 2 (`latest` unless
+        a tag is given); returns its client_state. Each rank reads only the files that hold its ranges and
+        checks every tensor against the manifest's crc32; a missing, truncated, corrupt or mismatched checkpoint
+        raises the same error on every rank, naming the file or parameter, and nothing is loaded."""
+        import copy
+        from .checkpoint import extra_state, read_for_rank
+        sources, extra, client, problems = read_for_rank(self, ckpt_dir, tag)
+        saved_sched = client.get("lr_scheduler") if isinstance(client, dict) else None
+        if lr_scheduler is not None and not problems:
+            if saved_sched is None:
+                problems.append("an lr_scheduler was given but the checkpoint holds no scheduler state")
+            else:
+                try:                         # on a copy: the load below must stay all or nothing
+                    copy.deepcopy(lr_scheduler).load_state_dict(saved_sched)
+                except Exception as e:  # noqa: BLE001
+                    problems.append(f"the checkpoint's lr_scheduler state does not fit the given scheduler "
+                                    f"({type(e).__name__}: {e})")
+        self._load(sources, problems)
+        if extra:
+            ours = extra_state(self.model)
+            with torch.no_grad():
+                for k, v in extra.items():
+                    ours[k].copy_(v)
+        if lr_scheduler is not None:
+            lr_scheduler.load_state_dict(saved_sched)
+        return client.get("client_state") if isinstance(client, dict) else None
 
     # ------------------------------------------------------------------------------------------- accounting
     def memory_report(self) -> dict:

@@ -1,0 +1,111 @@
+"""Multi-rank checkpoint scenarios (tests/test_zero_checkpoint.py runs them): save at 2 ranks, resume at 1, 2,
+3 and 4 ranks and at another stage, compared with an uninterrupted run on the same global batches.
+
+The checkpoint folder comes from ZEROCORE_CKPT_TEST_DIR (set by the test before the ranks are spawned), so the
+groups of different world sizes share it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zero_scenarios import mlp, ranks_hold_same_params, rel_err
+from zerocore.zero import ZeroOptimizer
+
+GLOBAL_BATCH = 12          # divisible by 1, 2, 3 and 4 ranks
+SAVED_AT, STEPS = 3, 6
+RESUME_TOL = 1e-6
+
+
+def _dir() -> Path:
+    return Path(os.environ["ZEROCORE_CKPT_TEST_DIR"])
+
+
+def _data():
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randn(GLOBAL_BATCH, 5, generator=g))
+            for _ in range(STEPS)]
+
+
+def _local(t, rank, world):
+    n = GLOBAL_BATCH // world
+    return t[rank * n:(rank + 1) * n]
+
+
+def _opt(model, stage):
+    return ZeroOptimizer(model, stage=stage, lr=1e-2, weight_decay=0.01, bucket_size=200, comm_timeout_s=60)
+
+
+def _train(model, opt, rank, world, start, stop, sched=None):
+    for x, y in _data()[start:stop]:
+        opt.backward(F.mse_loss(model(_local(x, rank, world)), _local(y, rank, world)))
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+    opt.wait_for_params()
+
+
+def _sched(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+def save_at_2_and_resume_at_2(rank, world):
+    """Save after SAVED_AT steps, keep training; a fresh model resumed from the checkpoint continues
+    bit-identical to the uninterrupted run. Rank 0 also stores the uninterrupted result for the other sizes."""
+    model = mlp()
+    opt = _opt(model, 2)
+    sched = _sched(opt)
+    _train(model, opt, rank, world, 0, SAVED_AT, sched)
+    folder = opt.save_checkpoint(_dir(), client_state={"epoch": 7, "note": "hello"}, lr_scheduler=sched)
+    if rank == 0:                          # what consolidation must give back
+        torch.save({n: p.detach().clone() for n, p in model.state_dict().items()}, _dir() / "at_save.pt")
+    if folder.name != f"global_step{SAVED_AT}" or (_dir() / "latest").read_text() != folder.name:
+        raise AssertionError(f"unexpected checkpoint folder {folder} or latest")
+    _train(model, opt, rank, world, SAVED_AT, STEPS, sched)
+    if rank == 0:
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, _dir() / "expected.pt")
+    fresh = mlp(seed=9)
+    opt2 = _opt(fresh, 2)
+    sched2 = _sched(opt2)
+    client = opt2.load_checkpoint(_dir(), lr_scheduler=sched2)
+    if client != {"epoch": 7, "note": "hello"} or sched2.last_epoch != SAVED_AT:
+        raise AssertionError(f"client_state {client!r} / scheduler epoch {sched2.last_epoch} not restored")
+    _train(fresh, opt2, rank, world, SAVED_AT, STEPS, sched2)
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        if not torch.equal(a, b):
+            raise AssertionError(f"resumed run differs at {n} by {(a - b).abs().max():.3g}")
+    opt.close(), opt2.close()
+    return {"bit_identical": True}
+
+
+def _resume(stage):
+    def scenario(rank, world):
+        """Resume the 2-rank stage-2 checkpoint at this world size and stage; compare with the uninterrupted
+        2-rank run (same global batches)."""
+        model = mlp(seed=9)
+        opt = _opt(model, stage)
+        sched = _sched(opt)
+        opt.load_checkpoint(_dir(), lr_scheduler=sched)
+        _train(model, opt, rank, world, SAVED_AT, STEPS, sched)
+        expected = torch.load(_dir() / "expected.pt")
+        ref = mlp()
+        ref.load_state_dict(expected)
+        err = rel_err(model, ref)
+        if err > RESUME_TOL:
+            raise AssertionError(f"resumed at {world} ranks, stage {stage}: rel err {err:.3g} > {RESUME_TOL}")
+        if not ranks_hold_same_params(model, world):
+            raise AssertionError("ranks hold different parameters after resuming")
+        opt.close()
+        return {"rel_err": err}
+    return scenario
+
+
+resume_stage2 = _resume(2)
+resume_stage1 = _resume(1)
+
+SAVE = ["save_at_2_and_resume_at_2"]
+RESUME = ["resume_stage2", "resume_stage1"]
