@@ -7,7 +7,7 @@ data on the same GPU. Parity metric, as in tests/zero_scenarios.py: per paramete
 gradient norm every step.
 
 What world size 1 covers: Collectives short-circuits every reduction and gather when the group has one rank
-(collectives.py reduce / all_reduce / gather / all_reduce_small), so no collective is issued and gloo's lack of
+(collectives.py reduce / all_reduce / gather / all_gather_rows), so no collective is issued and gloo's lack of
 some CUDA collectives does not matter here; the backend still picks the default collective strategy (gloo:
 "all_reduce", NCCL: "scatter_gather"). What runs is the engine's device path: GPU buckets and the CUDA pack op, the
 CUDA fused Adam op, fp32 masters on the GPU, CPU offload (masters, Adam state and the reduced gradient shards in

@@ -241,12 +241,6 @@ class Collectives:
         rows = self.all_gather_rows(row.to(device), what).cpu()
         return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(sizes)]
 
-    def all_reduce_small(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        """Sum a small tensor over ranks in place, synchronously, with the timeout."""
-        if self.world_size > 1:
-            self.all_reduce(t, what).wait()
-        return t
-
     @property
     def device(self) -> torch.device:
         """Where this group's collectives want their tensors."""

@@ -217,9 +217,10 @@ class GradReducer:
             return
         for u in self.units:
             flat, moved = self.grad_flats[u.index], False
+            base, itemsize = flat.data_ptr(), flat.element_size()    # runs before every forward: no slicing
             for s, v in zip(u.slots, self.grad_views[u.index]):
                 g = s.param.grad
-                if g is v and (s.numel == 0 or v.data_ptr() == flat[s.offset:].data_ptr()):
+                if g is v and (s.numel == 0 or v.data_ptr() == base + s.offset * itemsize):
                     continue
                 moved = True
                 if keep_values and g is not None and g.shape == s.shape:
@@ -240,7 +241,7 @@ class GradReducer:
                 self._launch(u)
             self.next_launch = len(self.units)
         self.drain()
-        for u, b in enumerate(self.buckets):
+        for b in self.buckets:
             if b is not None:
                 self.pool.put(b)
         self.in_backward = False
@@ -248,9 +249,9 @@ class GradReducer:
         self._reset_backward_state()
         self.rebind_grads(keep_values=False)
         self.clear_window()
-        for u in self.units:
-            for s in u.slots:
-                if not self.in_place:
+        if not self.in_place:
+            for u in self.units:
+                for s in u.slots:
                     s.param.grad = None
 
     def _reset_backward_state(self) -> None:
@@ -489,8 +490,8 @@ class GradReducer:
             raise
 
     def _end_backward(self) -> None:
-        if not self.in_backward:
-            self._begin_backward_without_grads()
+        if not self.in_backward:           # a backward that reached no trainable parameter still takes part
+            self._begin_pass()
         if self.reducing:
             for u in range(self.next_launch, len(self.units)):
                 self._launch(u)
@@ -500,10 +501,6 @@ class GradReducer:
         self.micro_steps += 1
         self.in_backward = False
         self._reset_backward_state()
-
-    def _begin_backward_without_grads(self) -> None:
-        # A backward that reached no trainable parameter still has to take part in the reductions.
-        self._begin_pass()
 
     # ------------------------------------------------------------------------------------------- window
     def reduced_shards(self) -> List[torch.Tensor]:
