@@ -1,4 +1,4 @@
-"""ZeroOptimizer vs torch DDP + fused AdamW on 2 gloo ranks (CPU): step time and peak RSS per rank.
+"""ZeroOptimizer (stages 1-3) vs torch DDP + fused AdamW on 2 gloo ranks (CPU): step time and peak RSS per rank.
 
 Model: 8 blocks of Linear(1024, 4096) - GELU - Linear(4096, 1024) (67.2M fp32 params), micro-batch 8 per rank,
 one torch thread per rank. Every configuration runs in a fresh pair of processes (so peak RSS is its own), and
@@ -8,6 +8,7 @@ can be compared with the ZeRO formula.
 
     python bench/bench_zero.py                       # all configs, 3 rounds
     python bench/bench_zero.py --rounds 1 --configs ddp,zero2 --steps 6
+    python bench/bench_zero.py --configs ddp,zero2,zero3,zero3_offload   # the stage 3 rows
     python bench/bench_zero.py --collectives         # per-unit gloo collectives: which strategy is faster
 """
 from __future__ import annotations
@@ -31,6 +32,11 @@ CONFIGS = {
     "zero2_offload": {"stage": 2, "offload_optimizer": "cpu"},
     "zero2_scatter_gather": {"stage": 2, "collective_strategy": "scatter_gather"},
     "zero2_no_overlap": {"stage": 2, "overlap_comm": False},
+    # Stage 3 with default units (bucket_size 5M: each 8.4M-param block is a unit, the biases persistent).
+    "zero3": {"stage": 3},
+    "zero3_offload": {"stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
+    "zero3_no_reshard": {"stage": 3, "reshard_after_forward": False},
+    "zero3_prefetch1": {"stage": 3, "prefetch_bucket_size": 1},     # one unit ahead instead of 5e7 elements
 }
 # Without the host block cache (host_block_cache=False: torch's allocator, i.e. glibc, serves every tensor), and
 # with one reduction in flight instead of two.
@@ -102,7 +108,8 @@ def _worker(rank, world, port, name, steps, warmup, out):
     report = opt.memory_report() if not name.startswith("ddp") else None
     out.put({"rank": rank, "name": name, "idle_mb": idle, "peak_mb": peak, "step_ms": [t * 1e3 for t in times[warmup:]],
              "formula_mb": report["formula"] / 2 ** 20 if report else None,
-             "held_mb": report["model_states"] / 2 ** 20 if report else None, "total_s": total})
+             "held_mb": report["model_states"] / 2 ** 20 if report else None, "total_s": total,
+             "gathered_peak_mb": report["peak_gathered_params"] / 2 ** 20 if report else 0.0})
     out.close()
     out.join_thread()          # flush the result before leaving without interpreter teardown
     dist.barrier()
@@ -123,7 +130,17 @@ def run_config(name, steps, warmup, world=2):
     procs = [ctx.Process(target=_worker, args=(r, world, port, name, steps, warmup, q)) for r in range(world)]
     for p in procs:
         p.start()
-    res = [q.get(timeout=1200) for _ in procs]
+    res = []
+    deadline = time.monotonic() + 1200
+    while len(res) < len(procs):
+        try:
+            res.append(q.get(timeout=1.0))
+        except Exception:   # queue.Empty: a rank that died without reporting ends the run with its exit code
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"config {name}: a rank failed (exit codes {[p.exitcode for p in procs]})")
     for p in procs:
         p.join(timeout=30)
     return sorted(res, key=lambda r: r["rank"])
@@ -228,14 +245,17 @@ def main():
                   f"peak {max(r['peak_mb'] for r in res):.0f} MB, idle {res[0]['idle_mb']:.0f} MB", file=sys.stderr)
     per_round = {n: [rr[0]["total_s"] / args.steps * 1e3 for rr in raw[n]] for n in names}
     ddp_ms = statistics.median(per_round["ddp"]) if "ddp" in raw else None
-    print("| config | step ms (median of rounds) | x DDP | peak RSS MB/rank | idle MB | peak-idle MB | formula MB | "
-          "(peak-idle)/formula | held model states MB |")
+    # Stage 3's budget is its formula (16Ψ/N) plus the working set: the most bytes it had gathered at once.
+    print("| config | step ms (median of rounds) | x DDP | peak RSS MB/rank | idle MB | peak-idle MB | formula MB "
+          "(stage 3: + peak gathered) | (peak-idle)/formula | held model states MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in names:
         ms = statistics.median(per_round[n])
         peak = statistics.median(max(r["peak_mb"] for r in rr) for rr in raw[n])
         idle = statistics.median(r["idle_mb"] for rr in raw[n] for r in rr)
         f = raw[n][0][0]["formula_mb"]
+        if f:
+            f += max(r.get("gathered_peak_mb", 0.0) for rr in raw[n] for r in rr)
         held = raw[n][0][0]["held_mb"]
         ratio = f"{ms / ddp_ms:.2f}" if ddp_ms else "-"
         fr = f"{(peak - idle) / f:.2f}" if f else "-"

@@ -39,6 +39,7 @@ def test_resume_at_the_same_world_size_is_bit_identical(saved_at_2_ranks):
 def test_resume_at_another_world_size_and_stage(saved_at_2_ranks, world):
     folder, res = saved_at_2_ranks
     check_all_ranks(res, C.SAVE[0])
+    check_all_ranks(res, "save_stage3_at_2")
     os.environ["ZEROCORE_CKPT_TEST_DIR"] = str(folder)
     got = run_scenarios(world, "zero_checkpoint_scenarios", C.RESUME)
     for name in C.RESUME:

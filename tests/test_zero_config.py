@@ -8,7 +8,7 @@ from zerocore.zero.config import ZeroConfig
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"stage": 3}, "stage=3"),
+    ({"stage": 4}, "stage=4"),
     ({"lr": -1.0}, "lr=-1.0"),
     ({"betas": (0.9, 1.0)}, "betas"),
     ({"bucket_size": 0}, "bucket_size"),
@@ -30,10 +30,10 @@ def test_unknown_and_unavailable_options():
 
 
 def test_messages_point_only_at_what_exists():
-    # No stage-3 engine and no NVMe offload exist yet: the messages must not send users to them.
+    # No NVMe offload exists yet: the messages must not send users to it.
     with pytest.raises(ValueError) as e:
-        ZeroConfig(stage=3)
-    assert "separate engine" not in str(e.value) and "use 1 or 2" in str(e.value)
+        ZeroConfig(stage=0)
+    assert "use 1 (optimizer state partitioned), 2 (also gradients) or 3 (also parameters)" in str(e.value)
     with pytest.raises(ValueError) as e:
         ZeroConfig(offload_optimizer="gpu")
     assert "nvme" not in str(e.value) and "None or 'cpu'" in str(e.value)

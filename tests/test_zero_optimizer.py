@@ -80,8 +80,8 @@ def test_option_errors_name_the_problem(single_rank_group):
     m = torch.nn.Linear(4, 3)
     with pytest.raises(TypeError, match="unknown ZeroOptimizer option"):
         ZeroOptimizer(m, stag=2)
-    with pytest.raises(ValueError, match="stage=3"):
-        ZeroOptimizer(m, stage=3)
+    with pytest.raises(ValueError, match="stage=4"):
+        ZeroOptimizer(m, stage=4)
     with pytest.raises(ValueError, match="no param group"):
         ZeroOptimizer(m, param_groups=[{"params": [m.weight]}])
     with pytest.raises(ValueError, match="appears in param_groups"):

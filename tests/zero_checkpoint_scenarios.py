@@ -36,7 +36,9 @@ def _local(t, rank, world):
 
 
 def _opt(model, stage):
-    return ZeroOptimizer(model, stage=stage, lr=1e-2, weight_decay=0.01, bucket_size=200, comm_timeout_s=60)
+    small = {"param_persistence_threshold": 16} if stage == 3 else {}      # partition the tiny model's weights
+    return ZeroOptimizer(model, stage=stage, lr=1e-2, weight_decay=0.01, bucket_size=200, comm_timeout_s=60,
+                         **small)
 
 
 def _train(model, opt, rank, world, start, stop, sched=None):
@@ -82,22 +84,36 @@ def save_at_2_and_resume_at_2(rank, world):
     return {"bit_identical": True}
 
 
-def _resume(stage):
+def save_stage3_at_2(rank, world):
+    """The same run as save_at_2_and_resume_at_2's first half, under stage 3, saved under s3/."""
+    model = mlp()
+    opt = _opt(model, 3)
+    sched = _sched(opt)
+    _train(model, opt, rank, world, 0, SAVED_AT, sched)
+    opt.save_checkpoint(_dir() / "s3", lr_scheduler=sched)
+    opt.close()
+    return {"saved": True}
+
+
+def _resume(stage, saved_by=2):
     def scenario(rank, world):
-        """Resume the 2-rank stage-2 checkpoint at this world size and stage; compare with the uninterrupted
-        2-rank run (same global batches)."""
+        """Resume the 2-rank checkpoint (saved under stage 2, or 3) at this world size and stage; compare with
+        the uninterrupted 2-rank stage-2 run (same global batches)."""
         model = mlp(seed=9)
         opt = _opt(model, stage)
         sched = _sched(opt)
-        opt.load_checkpoint(_dir(), lr_scheduler=sched)
+        opt.load_checkpoint(_dir() / "s3" if saved_by == 3 else _dir(), lr_scheduler=sched)
         _train(model, opt, rank, world, SAVED_AT, STEPS, sched)
         expected = torch.load(_dir() / "expected.pt")
         ref = mlp()
         ref.load_state_dict(expected)
-        err = rel_err(model, ref)
+        with opt.gathered():              # stage 3: the full parameters, to compare
+            err = rel_err(model, ref)
+            same = ranks_hold_same_params(model, world)
         if err > RESUME_TOL:
-            raise AssertionError(f"resumed at {world} ranks, stage {stage}: rel err {err:.3g} > {RESUME_TOL}")
-        if not ranks_hold_same_params(model, world):
+            raise AssertionError(f"resumed at {world} ranks, stage {stage} (saved by stage {saved_by}): rel err "
+                                 f"{err:.3g} > {RESUME_TOL}")
+        if not same:
             raise AssertionError("ranks hold different parameters after resuming")
         opt.close()
         return {"rel_err": err}
@@ -106,6 +122,10 @@ def _resume(stage):
 
 resume_stage2 = _resume(2)
 resume_stage1 = _resume(1)
+resume_stage3 = _resume(3)
+resume_stage1_from_stage3 = _resume(1, saved_by=3)
+resume_stage3_from_stage3 = _resume(3, saved_by=3)
 
-SAVE = ["save_at_2_and_resume_at_2"]
-RESUME = ["resume_stage2", "resume_stage1"]
+SAVE = ["save_at_2_and_resume_at_2", "save_stage3_at_2"]
+RESUME = ["resume_stage2", "resume_stage1", "resume_stage3", "resume_stage1_from_stage3",
+          "resume_stage3_from_stage3"]

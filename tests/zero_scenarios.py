@@ -141,7 +141,7 @@ def batches(kind, world, steps, micro=1, seed=0):
     for _ in range(steps):
         row = []
         for _ in range(micro):
-            if kind in ("gpt", "encoder"):
+            if kind.startswith(("gpt", "encoder")):
                 x = torch.randint(0, 40, (n, 8), generator=g)
                 y = torch.randint(0, 40, (n, 8), generator=g)
             else:
@@ -153,7 +153,7 @@ def batches(kind, world, steps, micro=1, seed=0):
 
 
 def loss_of(kind, out, y):
-    if kind in ("gpt", "encoder"):
+    if kind.startswith(("gpt", "encoder")):
         return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
     return F.mse_loss(out.float(), y)
 
@@ -184,8 +184,9 @@ def make_sched(opt):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.5 * t))
 
 
-def _train_adamw(kind, model, forward, data, rank=None, *, lr, wd, clip, groups, sched, skip=()):
-    """torch.optim.AdamW over `data` with `forward` (the model, or DDP around it); rank=None: the whole batch."""
+def _train_adamw(kind, model, forward, data, rank=None, *, lr, wd, clip, groups, sched, skip=(), norms=None):
+    """torch.optim.AdamW over `data` with `forward` (the model, or DDP around it); rank=None: the whole batch.
+    `norms`, if given, receives each step's global gradient norm (before clipping)."""
     pick = (lambda t: t) if rank is None else (lambda t: local(t, rank))
     params = groups_for(model, lr) if groups else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False)
@@ -197,6 +198,9 @@ def _train_adamw(kind, model, forward, data, rank=None, *, lr, wd, clip, groups,
         opt.zero_grad()
         for x, y in row:
             (loss_of(kind, forward(pick(x)), pick(y)) / len(row)).backward()
+        if norms is not None:
+            norms.append(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in model.parameters() if p.grad is not None])).item())
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -205,9 +209,10 @@ def _train_adamw(kind, model, forward, data, rank=None, *, lr, wd, clip, groups,
     return model
 
 
-def train_reference(kind, data, *, lr=1e-3, wd=0.01, clip=0.0, groups=False, sched=False, skip=()):
+def train_reference(kind, data, *, lr=1e-3, wd=0.01, clip=0.0, groups=False, sched=False, skip=(), norms=None):
     model = MODELS[kind]()
-    return _train_adamw(kind, model, model, data, lr=lr, wd=wd, clip=clip, groups=groups, sched=sched, skip=skip)
+    return _train_adamw(kind, model, model, data, lr=lr, wd=wd, clip=clip, groups=groups, sched=sched, skip=skip,
+                        norms=norms)
 
 
 def train_ddp(kind, data, rank, *, lr=1e-3, wd=0.01, clip=0.0, groups=False, sched=False):
@@ -230,7 +235,7 @@ def train_zero(kind, data, rank, *, lr=1e-3, wd=0.01, groups=False, sched=False,
         set_step_flags(model, t)
         for x, y in row:
             x = local(x, rank)
-            if low is not None and kind not in ("gpt", "encoder"):
+            if low is not None and not kind.startswith(("gpt", "encoder")):
                 x = x.to(low)
             loss = loss_of(kind, model(x), local(y, rank))
             if on_step is not None:

@@ -1,4 +1,4 @@
-"""zerocore: ZeRO (Zero Redundancy Optimizer) stages 1 and 2 for PyTorch, with optimizer offload to CPU memory.
+"""zerocore: ZeRO (Zero Redundancy Optimizer) stages 1, 2 and 3 for PyTorch, with offload to CPU memory.
 
 Importing zerocore compiles nothing: op libraries are built on first use (see `zerocore.ops`).
 """
@@ -10,10 +10,13 @@ def __getattr__(name):
     if name == "ZeroOptimizer":
         from .zero import ZeroOptimizer
         return ZeroOptimizer
+    if name == "gathered_parameters":
+        from .zero import gathered_parameters
+        return gathered_parameters
     if name == "consolidate":
         from .zero.consolidate import consolidate
         return consolidate
     raise AttributeError(f"module 'zerocore' has no attribute {name!r}")
 
 
-__all__ = ["ZeroOptimizer", "consolidate", "__version__"]
+__all__ = ["ZeroOptimizer", "consolidate", "gathered_parameters", "__version__"]

@@ -1,4 +1,4 @@
-"""zerocore.zero: the ZeRO engine (stages 1 and 2) built on flat, padded, per-unit buffers.
+"""zerocore.zero: the ZeRO engine (stages 1, 2 and 3) built on flat, padded, per-unit buffers.
 
 >>> from zerocore.zero import ZeroOptimizer, ZeroConfig
 >>> ZeroConfig(stage=1).stage
@@ -8,7 +8,7 @@ from .bindings import ParameterReplacedError
 from .collectives import CollectiveError, CollectiveTimeout, PeerFailure
 from .config import ZeroConfig
 from .consistency import RankMismatchError
-from .optimizer import ZeroOptimizer
+from .optimizer import ZeroOptimizer, gathered_parameters
 
 __all__ = ["ZeroOptimizer", "ZeroConfig", "CollectiveError", "CollectiveTimeout", "PeerFailure",
-           "RankMismatchError", "ParameterReplacedError"]
+           "RankMismatchError", "ParameterReplacedError", "gathered_parameters"]

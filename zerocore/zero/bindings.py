@@ -43,11 +43,14 @@ def _locations(model: torch.nn.Module, names: List[str]) -> Dict[str, Tuple[torc
 class Bindings:
     """Checks that each slot's parameter is still registered and still a view of its unit's buffer."""
 
-    def __init__(self, model: torch.nn.Module, units: List[Unit]):
+    def __init__(self, model: torch.nn.Module, units: List[Unit], stage3_data_ptr=None):
+        """stage3_data_ptr(unit, slot position): where a stage-3 parameter's data points now (residency.py)."""
         self.units = units
+        self.stage3_data_ptr = stage3_data_ptr
         slots = sorted(((u, s) for u in units for s in u.slots), key=lambda us: us[1].index)   # model order
         locs = _locations(model, [s.name for _, s in slots])
         self.entries = [(u, s) + locs[s.name] for u, s in slots]
+        self.position = {id(s): k for u in units for k, s in enumerate(u.slots)}
 
     @staticmethod
     def expected_ptr(u: Unit, s: Slot) -> int:
@@ -65,6 +68,10 @@ class Bindings:
                     "optimizer no longer sees its gradients. Load weights with model.load_state_dict(sd) "
                     "(without assign=True) or copy into the parameter under torch.no_grad(); or construct "
                     "ZeroOptimizer after replacing the parameters.")
+            if not u.persistent and self.stage3_data_ptr is not None:
+                if p.data_ptr() != self.stage3_data_ptr(u, self.position[id(s)]):
+                    out.append((u, s))
+                continue
             if s.numel == 0 or p.data_ptr() == self.expected_ptr(u, s):
                 continue
             data = p.data

@@ -190,8 +190,10 @@ class Collectives:
         return self._pending(lambda: dist.all_reduce(t, group=self.group, async_op=True), t,
                              f"all_reduce (reduction) of {what}", (t,))
 
-    def gather(self, flat: torch.Tensor, shard_numel: int, what: str) -> Pending:
-        """Start filling every rank's part of `flat` from its owner (this rank's part is already current)."""
+    def gather(self, flat: torch.Tensor, shard_numel: int, what: str,
+               src: Optional[torch.Tensor] = None) -> Pending:
+        """Start filling every rank's part of `flat` from its owner (this rank's part is already current;
+        `src`, if given, is a separate tensor equal to it, which the all_gather can read instead of a copy)."""
         self._check_open()
         if self.world_size == 1:
             return Pending(self, None, flat, what)
@@ -204,7 +206,10 @@ class Collectives:
                 lambda: [dist.broadcast(parts[r], src=ranks[r], group=self.group, async_op=True)
                          for r in range(self.world_size)], flat, f"broadcast (gather) of {what}", parts)
         # NCCL gathers in place when the input is this rank's chunk of the output; gloo wants its own input.
-        src = flat[lo:hi] if self.backend == "nccl" else flat[lo:hi].clone()
+        if self.backend == "nccl":
+            src = flat[lo:hi]
+        elif src is None or src.data_ptr() == flat[lo:hi].data_ptr():
+            src = flat[lo:hi].clone()
         return self._pending(lambda: _all_gather(flat, src, group=self.group, async_op=True), flat,
                              f"all_gather of {what}", (flat, src))
 

@@ -36,11 +36,24 @@ def parse_dtype(value, what: str) -> Optional[torch.dtype]:
 class ZeroConfig:
     """Options of `ZeroOptimizer` (see its docstring for what each one does).
 
-    stage: 1 (partition optimizer state) or 2 (also gradients).
+    stage: 1 (partition optimizer state), 2 (also gradients) or 3 (also parameters).
     dtype: compute dtype the model's parameters are cast to; None keeps the model's dtype. fp32 master
         weights are kept (sharded) whenever it is lower precision.
     reduce_dtype: dtype gradients are reduced in; None means the compute dtype.
-    bucket_size: target number of elements per unit (one flat buffer, one collective).
+    bucket_size: target number of elements per unit (one flat buffer, one collective). Stage 3: a module
+        becomes its own unit once the parameters it holds (not held by a unit below it) reach this size.
+    unit_modules: stage 3: module classes (or class names) each instance of which is one unit, like FSDP's
+        wrap policy (e.g. {LlamaDecoderLayer}); None: units by size (bucket_size).
+    param_persistence_threshold: stage 3: parameters of at most this many elements stay gathered on every
+        rank (DeepSpeed's stage3_param_persistence_threshold): gathering them costs more than it saves.
+    reshard_after_forward: stage 3: free a unit's gathered parameters after its forward (gather again for
+        backward); False keeps them from forward until their gradients are reduced (FSDP2's option).
+    prefetch_bucket_size: stage 3: elements of parameters gathered ahead of use, in the recorded order
+        (DeepSpeed's stage3_prefetch_bucket_size).
+    max_live_parameters: stage 3: at most this many elements gathered at once beyond the persistent ones
+        (DeepSpeed's stage3_max_live_parameters); prefetch stops at it.
+    offload_param: stage 3: None or "cpu" (parameter shards in host memory; on a model that lives on the host
+        this is where they already are).
     loss_scale: fp16 only. None = dynamic (initial 2**initial_scale_power, doubled after loss_scale_window
         clean steps, halved after `hysteresis` consecutive overflows, never below min_loss_scale);
         a number = static scale.
@@ -79,15 +92,43 @@ class ZeroConfig:
     collective_strategy: Optional[str] = None
     host_block_cache: bool = True
     sync_module_states: bool = True
+    unit_modules: Optional[Tuple[str, ...]] = None
+    param_persistence_threshold: int = 100_000
+    reshard_after_forward: bool = True
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
+    offload_param: Optional[str] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
         set_("dtype", parse_dtype(self.dtype, "dtype"))
         set_("reduce_dtype", parse_dtype(self.reduce_dtype, "reduce_dtype"))
         set_("betas", tuple(float(b) for b in self.betas))
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage={self.stage!r} is not supported: this version of ZeroOptimizer implements "
-                             "stage 1 (optimizer state partitioned) and stage 2 (also gradients); use 1 or 2")
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage={self.stage!r} is not supported: use 1 (optimizer state partitioned), 2 "
+                             "(also gradients) or 3 (also parameters)")
+        if self.unit_modules is not None:
+            mods = [self.unit_modules] if isinstance(self.unit_modules, (str, type)) else list(self.unit_modules)
+            names = []
+            for m in mods:
+                if not (isinstance(m, str) or (isinstance(m, type) and issubclass(m, torch.nn.Module))):
+                    raise ValueError(f"unit_modules holds {m!r}: give torch.nn.Module subclasses or their class "
+                                     "names, e.g. unit_modules={LlamaDecoderLayer}")
+                names.append(m if isinstance(m, str) else m.__name__)
+            set_("unit_modules", tuple(sorted(set(names))))
+        for name in ("param_persistence_threshold", "prefetch_bucket_size", "max_live_parameters"):
+            v = getattr(self, name)
+            if int(v) != v or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative number of elements")
+            set_(name, int(v))
+        if self.offload_param not in (None, "none", "cpu"):
+            hint = " (NVMe parameter offload is not available in this version)" if self.offload_param == "nvme" else ""
+            raise ValueError(f"offload_param={self.offload_param!r}: use None or 'cpu'{hint}")
+        if self.offload_param == "none":
+            set_("offload_param", None)
+        if self.offload_param is not None and self.stage != 3:
+            raise ValueError(f"offload_param={self.offload_param!r} needs stage=3 (only stage 3 partitions "
+                             "parameters); use offload_optimizer='cpu' with stages 1 and 2")
         _positive("lr", self.lr, allow_zero=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas} must be two numbers in [0, 1), e.g. (0.9, 0.999)")
@@ -117,7 +158,7 @@ class ZeroConfig:
         _positive("comm_timeout_s", self.comm_timeout_s)
         if self.max_inflight_reductions < 1:
             raise ValueError(f"max_inflight_reductions={self.max_inflight_reductions} must be >= 1")
-        for flag in ("host_block_cache", "sync_module_states", "overlap_comm", "adamw"):
+        for flag in ("host_block_cache", "sync_module_states", "overlap_comm", "adamw", "reshard_after_forward"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
         if self.collective_strategy not in (None, "all_reduce", "scatter_gather"):
@@ -159,6 +200,14 @@ class ZeroConfig:
             kw["bucket_size"] = int(zero["reduce_bucket_size"])
         if "overlap_comm" in zero:
             kw["overlap_comm"] = bool(zero["overlap_comm"])
+        for src, dst in (("stage3_param_persistence_threshold", "param_persistence_threshold"),
+                         ("stage3_prefetch_bucket_size", "prefetch_bucket_size"),
+                         ("stage3_max_live_parameters", "max_live_parameters")):
+            if src in zero:
+                kw[dst] = int(zero[src])
+        off_param = zero.get("offload_param", {}) or {}
+        if off_param.get("device") not in (None, "none"):
+            kw["offload_param"] = off_param["device"]
         off = zero.get("offload_optimizer", {}) or {}
         if off.get("device") not in (None, "none"):
             kw["offload_optimizer"] = off["device"]

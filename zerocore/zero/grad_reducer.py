@@ -30,7 +30,7 @@ import mmap
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.autograd import Variable
@@ -153,7 +153,7 @@ class GradReducer:
         self.pack_scale = 1.0 if self.in_place else 1.0 / self.world_size
         self.grad_divisor = accumulation_steps * (self.world_size if self.in_place else 1)
         itemsize = torch.empty((), dtype=grad_dtype).element_size()
-        can_direct = (stage == 2 and comm.strategy == "all_reduce" and reduce_dtype == grad_dtype
+        can_direct = (stage >= 2 and comm.strategy == "all_reduce" and reduce_dtype == grad_dtype
                       and all(u.flat.device.type == "cpu" for u in units))
         self.plans: List[Optional[DirectPlan]] = [plan_direct(u, itemsize) if can_direct else None for u in units]
         # fp16 gradients are pre-divided by N before they are summed (range); others are scaled when copied out.
@@ -185,6 +185,9 @@ class GradReducer:
         # loss.backward() returned. (An autograd callback is queued on the graph task that runs the first hook,
         # which under reentrant checkpointing can be a nested one that ends before the outer pass.)
         self.ended_by_caller = False
+        # Stage 3 (hooks.py): called when unit u has every gradient of this pass, and when a pass ends.
+        self.on_unit_complete: Optional[Callable[[int], None]] = None
+        self.on_backward_end: Optional[Callable[[], None]] = None
 
     # ----------------------------------------------------------------------------------------------- setup
     def attach(self) -> None:
@@ -247,6 +250,8 @@ class GradReducer:
         self.in_backward = False
         self.failed = False
         self._reset_backward_state()
+        if self.on_backward_end is not None:
+            self.on_backward_end()
         self.rebind_grads(keep_values=False)
         self.clear_window()
         if not self.in_place:
@@ -275,6 +280,11 @@ class GradReducer:
                 f"gradient_accumulation_steps={self.accumulation_steps}. Call opt.step() after every backward "
                 "(it updates on every k-th call) or after exactly k backward passes.")
 
+    def begin_backward_if_needed(self) -> None:
+        """Start this pass's bookkeeping (and its agreement) now, before stage 3 gathers for it."""
+        if not self.in_backward:
+            self._begin_backward()
+
     def _begin_backward(self) -> None:
         self._begin_pass()
         if not self.ended_by_caller:
@@ -282,7 +292,7 @@ class GradReducer:
 
     def _begin_pass(self) -> None:
         self._check_window()
-        reducing = self.stage == 2 or self._is_boundary_pass()
+        reducing = self.stage >= 2 or self._is_boundary_pass()
         if reducing and self.phases is not None:
             # before any reduction: see [Note: phase agreement]
             self.phases.exchange(Phase.BACKWARD, micro_step=self.micro_steps)
@@ -312,7 +322,7 @@ class GradReducer:
             if p.grad is not view:       # someone replaced .grad (e.g. module.zero_grad(set_to_none=True))
                 view.copy_(p.grad)
                 p.grad = view
-        elif self.stage == 2:
+        elif self.stage >= 2:
             grad = p.grad
             p.grad = None                # the full gradient lives only until it is packed (or reduced directly)
             plan = self.plans[u]
@@ -327,6 +337,8 @@ class GradReducer:
         if not self.reducing:
             return
         self.arrived[u].add(k)
+        if self.on_unit_complete is not None and len(self.arrived[u]) == len(unit.slots):
+            self.on_unit_complete(u)
         if self.overlap and len(self.arrived[u]) == len(unit.slots):
             self.ready[u] = True
             self._launch_ready()
@@ -501,6 +513,8 @@ class GradReducer:
         self.micro_steps += 1
         self.in_backward = False
         self._reset_backward_state()
+        if self.on_backward_end is not None:
+            self.on_backward_end()
 
     # ------------------------------------------------------------------------------------------- window
     def reduced_shards(self) -> List[torch.Tensor]:

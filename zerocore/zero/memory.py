@@ -3,8 +3,13 @@
 Formulas (Ψ trainable parameters, N ranks), model-state bytes per rank:
     fp32:   stage 1  8Ψ + 8Ψ/N      (params 4Ψ, grads 4Ψ, Adam m+v 8Ψ/N; the fp32 params are the masters)
             stage 2  4Ψ + 12Ψ/N     (params 4Ψ, reduced grad shard 4Ψ/N, m+v 8Ψ/N)
+            stage 3  16Ψ/N          (param shard 4Ψ/N, reduced grad shard 4Ψ/N, m+v 8Ψ/N)
     mixed:  stage 1  4Ψ + 12Ψ/N     (params 2Ψ, grads 2Ψ, fp32 master 4Ψ/N, m+v 8Ψ/N)
             stage 2  2Ψ + 14Ψ/N     (params 2Ψ, reduced grad shard 2Ψ/N, master 4Ψ/N, m+v 8Ψ/N)
+            stage 3  16Ψ/N          (param shard 2Ψ/N, reduced grad shard 2Ψ/N, master 4Ψ/N, m+v 8Ψ/N)
+Stage 3 adds what is gathered at the time (the working set: at most max_live_parameters elements beyond the
+persistent units) and its persistent parameters in full (those of at most param_persistence_threshold
+elements): memory_report() lists both.
 Stage 2 keeps the reduced grad shard in the reduce dtype when one micro-step makes a step; with
 gradient_accumulation_steps > 1 it accumulates in fp32 (so mixed stage 2 then holds 2Ψ + 16Ψ/N).
 CPU offload of a GPU model with fp32 params keeps a separate fp32 master copy in host memory (+4Ψ/N); on a
@@ -57,17 +62,22 @@ def storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
 def formula_bytes(stage: int, mixed: bool, psi: int, world_size: int) -> float:
     """The ZeRO paper's model-state bytes per rank for Adam (see the module docstring)."""
     n = world_size
+    if stage == 3:
+        return 16 * psi / n
     if mixed:
         return 4 * psi + 12 * psi / n if stage == 1 else 2 * psi + 14 * psi / n
     return 8 * psi + 8 * psi / n if stage == 1 else 4 * psi + 12 * psi / n
 
 
 def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bool, psi: int, world_size: int,
-                  host_cache) -> dict:
+                  host_cache, peak_gathered: int = 0) -> dict:
     """Bytes a rank holds in parameters, gradients, fp32 masters, Adam state and pooled buckets, measured from
     the live tensors, beside the ZeRO formula for this stage and precision (ZeroOptimizer.memory_report)."""
     report = {
-        "params": storage_bytes(u.flat for u in units),
+        "params": storage_bytes([u.flat for u in units] + [u.shard for u in units]),
+        "gathered_params": storage_bytes(u.flat for u in units if not u.persistent),
+        "persistent_params": storage_bytes(u.flat for u in units if u.persistent) if stage == 3 else 0,
+        "peak_gathered_params": peak_gathered,
         "gradients": storage_bytes(reducer.held_gradient_tensors()),
         "master": storage_bytes([store.master]),
         "optimizer_state": storage_bytes([store.exp_avg, store.exp_avg_sq]),
@@ -89,7 +99,10 @@ def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bo
                       "pooled_buckets (not part of the formula or model_states) are "
                       "the reduction slabs kept between steps: at most (max_inflight_reductions + 1) x the "
                       "biggest bucket in the reduce dtype (a unit, or on gloo the part of a unit that is not "
-                      "reduced directly), the most that backward has live at once; "
+                      "reduced directly), the most that backward has live at once; stage 3: params counts "
+                      "the shards, the units gathered at the time (gathered_params) and the persistent units in "
+                      "full (persistent_params); peak_gathered_params: the most bytes of partitioned units gathered at "
+                      "once so far (the working set); "
                       "host_block_cache: counters of the process's host block cache while this optimizer "
                       "uses it (None: torch's allocator), live_bytes including the buffers above")
     return report

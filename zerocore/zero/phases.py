@@ -25,10 +25,12 @@ class Phase(enum.IntEnum):
     BACKWARD = 1
     STEP = 2
     LOAD = 3
+    FORWARD = 4          # stage 3: each forward of the model gathers, so it agrees first (hooks.py)
 
 
 _HEAD = 3          # kind, sequence number, micro-step
-_DOING = {Phase.BACKWARD: "a backward pass", Phase.STEP: "step()", Phase.LOAD: "load_state_dict()"}
+_DOING = {Phase.BACKWARD: "a backward pass", Phase.STEP: "step()", Phase.LOAD: "load_state_dict()",
+          Phase.FORWARD: "a forward pass"}
 
 
 def _doing(kind: int) -> str:

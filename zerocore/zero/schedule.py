@@ -73,10 +73,17 @@ class GatherSchedule:
         self.remove_hooks()
         self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in self.wait_map]
 
-    def adopt_order(self, order: List[int]) -> None:
-        """Take rank 0's proposal (from the step's phase agreement)."""
-        self.order = list(order)
-        self.order_agreed = True
+    def agreement_payload(self, numel: int) -> torch.Tensor:
+        """What the step's phase agreement carries for the schedule: this rank's proposed order."""
+        out = torch.zeros(numel, dtype=torch.float64)
+        out[:len(self.order)] = torch.tensor(self.order, dtype=torch.float64)
+        return out
+
+    def agree(self, rows: torch.Tensor) -> None:
+        """Take rank 0's proposal (from the step's phase agreement) the first time."""
+        if not self.order_agreed:
+            self.order = [int(i) for i in rows[0, :len(self.units)].tolist()]
+            self.order_agreed = True
 
     def launch(self) -> None:
         """Start every unit's gather (forward order, else reversed units: before the first step's agreement

@@ -145,4 +145,4 @@ def write(sources: Sequence[dict], units, store, param_steps: List[int]) -> None
                     store.master[dst].copy_(e["master"][src])
                 store.exp_avg[dst].copy_(e["exp_avg"][src])
                 store.exp_avg_sq[dst].copy_(e["exp_avg_sq"][src])
-                u.shard_of(u.flat)[pos:pos + b - a].copy_(e["master"][src])
+                u.local_shard()[pos:pos + b - a].copy_(e["master"][src])

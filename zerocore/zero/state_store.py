@@ -49,7 +49,7 @@ class StateStore:
             self._alloc(self.total, compute_dtype) if (host_model_offload and mixed) else None
         # Stage 2 keeps the reduced gradient shards; so does stage 1 when it reduces in another dtype, or when
         # the shards must reach the host (offload of a GPU model). Accumulation over micro-steps is in fp32.
-        self._needs_grad_store = stage == 2 or reduce_dtype != compute_dtype or host_model_offload
+        self._needs_grad_store = stage >= 2 or reduce_dtype != compute_dtype or host_model_offload
         self._grad_store_dtype = torch.float32 if accumulation_steps > 1 else reduce_dtype
         self.grad_store: Optional[torch.Tensor] = None
 
@@ -71,4 +71,4 @@ class StateStore:
     def master_of(self, u: Unit, lo: int, hi: int) -> torch.Tensor:
         """The fp32 values [lo, hi) of this rank's shard of unit u: the master, or the fp32 parameters."""
         off = self.offsets[u.index]
-        return self.master[off + lo:off + hi] if self.master is not None else u.shard_of(u.flat)[lo:hi]
+        return self.master[off + lo:off + hi] if self.master is not None else u.local_shard()[lo:hi]

@@ -85,7 +85,7 @@ def adam_update(units: List[Unit], store: StateStore, param_groups: List[dict], 
                 lst[3].append(shards[u.index][lo:hi])
                 if mixed:
                     lst[4].append(store.staging[off + lo:off + hi] if store.staging is not None
-                                  else u.shard_of(u.flat)[lo:hi])
+                                  else u.local_shard()[lo:hi])
                 lst[5].append((u, lo, hi))
         beta1, beta2 = group["betas"]
         for step, (ps, ms, vs, gs, outs, where) in sorted(calls.items()):
@@ -95,7 +95,7 @@ def adam_update(units: List[Unit], store: StateStore, param_groups: List[dict], 
             # Where the updated values do not land in the parameters directly, copy them there.
             if store.master is not None and not mixed:
                 for (u, lo, hi), p in zip(where, ps):
-                    u.shard_of(u.flat)[lo:hi].copy_(p)
+                    u.local_shard()[lo:hi].copy_(p)
             elif store.staging is not None:
                 for (u, lo, hi), o in zip(where, outs):
-                    u.shard_of(u.flat)[lo:hi].copy_(o, non_blocking=True)
+                    u.local_shard()[lo:hi].copy_(o, non_blocking=True)

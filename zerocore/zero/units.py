@@ -8,7 +8,10 @@ unit, so a unit's flat gradient is exactly the input of one reduce-scatter and i
 input of one all-gather. A unit never mixes parameter groups (each group keeps its own open unit while the
 walk goes on), so one optimizer call per group can cover all of a group's slices.
 
-This file knows nothing about stages: stage 1, 2 and (later) 3 differ only in which buffers they keep.
+Stages 1 and 2 build units by size (build_units). Stage 3 builds them by module (build_module_units): the
+gather of a unit is then triggered by its owner module's hooks (hooks.py), and small parameters go to
+*persistent* units that stay gathered, like every unit of stages 1 and 2. A partitioned (non-persistent) unit
+keeps this rank's shard in its own tensor (`shard`) and its flat buffer only while gathered (residency.py).
 
 >>> import torch
 >>> m = torch.nn.Linear(3, 2)
@@ -58,6 +61,13 @@ class Unit:
     slots: List[Slot] = field(default_factory=list)
     numel: int = 0
     flat: Optional[torch.Tensor] = None   # the parameters' storage once materialize() ran
+    persistent: bool = True               # always gathered (stages 1/2; stage 3: small parameters)
+    owner: Optional[str] = None           # stage 3: the module whose hooks gather it ("" = the model)
+    shard: Optional[torch.Tensor] = None  # stage 3, partitioned: this rank's shard, in storage of its own
+
+    def local_shard(self) -> torch.Tensor:
+        """This rank's current shard of the parameters: its own tensor (stage 3) or a view of `flat`."""
+        return self.shard if self.shard is not None else self.shard_of(self.flat)
 
     @property
     def padded_numel(self) -> int:
@@ -145,6 +155,97 @@ def build_units(named_params: Sequence[Tuple[str, torch.nn.Parameter]], groups: 
             unit.add(name, p, i)
         unit.assign_ownership()
         units.append(unit)
+    return units
+
+
+_READS_CHILDREN = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer)
+
+
+def build_module_units(model: torch.nn.Module, named_params: Sequence[Tuple[str, torch.nn.Parameter]],
+                       groups: Sequence[int], *, bucket_size: int, unit_modules: Optional[Sequence[str]],
+                       persistence_threshold: int, world_size: int, rank: int) -> List[Unit]:
+    """Stage 3's units: one per (owner module, param group), plus persistent units for small parameters.
+
+    A parameter belongs to the deepest module that registers it, or, if several modules register it (a head
+    tied to the embedding), to their deepest common ancestor, so it is gathered for every use. Walking the
+    modules bottom-up, a module owns the parameters below it not owned deeper down when its class is named in
+    `unit_modules`, or (without unit_modules) when they reach `bucket_size` elements; the model owns the rest.
+    Modules below a MultiheadAttention or TransformerEncoderLayer (which read their children's parameters
+    without calling them) never own units.
+    Parameters of at most `persistence_threshold` elements go to persistent units instead. Units are numbered
+    in expected backward order (the unit whose parameters were registered last comes first), as in build_units.
+
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    >>> us = build_module_units(m, list(m.named_parameters()), [0] * 4, bucket_size=16, unit_modules=None,
+    ...                         persistence_threshold=8, world_size=2, rank=0)
+    >>> [(u.owner, u.persistent, [s.name for s in u.slots]) for u in us]
+    [('1', False, ['1.weight']), (None, True, ['1.bias', '0.bias']), ('0', False, ['0.weight'])]
+    """
+    index_of = {id(p): i for i, (_, p) in enumerate(named_params)}
+    registered: Dict[int, List[str]] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for mname, m in modules.items():
+        for p in m._parameters.values():
+            if p is not None and id(p) in index_of:
+                registered.setdefault(index_of[id(p)], [])
+                if mname not in registered[index_of[id(p)]]:
+                    registered[index_of[id(p)]].append(mname)
+    pending: Dict[str, List[int]] = {}
+    persistent: List[int] = []
+    for i, (_, p) in enumerate(named_params):
+        if p.numel() <= persistence_threshold:
+            persistent.append(i)
+            continue
+        paths = [n.split(".") if n else [] for n in registered[i]]
+        home = []
+        for parts in zip(*paths):
+            if len(set(parts)) > 1:
+                break
+            home.append(parts[0])
+        pending.setdefault(".".join(home), []).append(i)
+    names = set(dict(model.named_modules()))     # a module shared under two names counts once
+    # Modules below one that reads its children's parameters without calling them (MultiheadAttention and
+    # out_proj; TransformerEncoderLayer's inference fast path) cannot own a unit: nothing would gather it.
+    readers = [r for r in names if isinstance(modules[r], _READS_CHILDREN)]
+    inside_reader = {n for n in names for r in readers if n != r and (r == "" or n.startswith(r + "."))}
+    owned: List[Tuple[str, List[int]]] = []
+    wanted = set(unit_modules) if unit_modules is not None else None
+    for mname in sorted(names, key=lambda n: -(n.count(".") + 1 if n else 0)):
+        items = pending.pop(mname, [])
+        if not items:
+            continue
+        size = sum(named_params[i][1].numel() for i in items)
+        is_owner = mname == "" or (mname not in inside_reader and (
+            type(modules[mname]).__name__ in wanted if wanted is not None else size >= bucket_size))
+        if is_owner:
+            owned.append((mname, sorted(items)))
+        else:
+            parent = mname.rpartition(".")[0]
+            pending.setdefault(parent, []).extend(items)
+    units: List[Unit] = []
+    for mname, items in owned:
+        for g in sorted({groups[i] for i in items}):
+            unit = Unit(index=0, group=g, world_size=world_size, rank=rank, persistent=False, owner=mname)
+            for i in items:
+                if groups[i] == g:
+                    unit.add(named_params[i][0], named_params[i][1], i)
+            units.append(unit)
+    # Persistent parameters: runs of at most bucket_size elements per group, in backward order.
+    open_units: Dict[int, Unit] = {}
+    for i in reversed(persistent):
+        g, p = groups[i], named_params[i][1]
+        unit = open_units.get(g)
+        if unit is not None and unit.numel + p.numel() > bucket_size:
+            units.append(unit)
+            unit = None
+        if unit is None:
+            unit = open_units[g] = Unit(index=0, group=g, world_size=world_size, rank=rank)
+        unit.add(named_params[i][0], p, i)
+    units.extend(u for u in open_units.values() if u.slots)
+    units.sort(key=lambda u: (-min(s.index for s in u.slots), u.group))
+    for k, u in enumerate(units):
+        u.index = k
+        u.assign_ownership()
     return units
 
 

@@ -1,0 +1,183 @@
+"""Stage 3: where each unit's parameters are, as an explicit state machine per unit.
+
+[Note: residency]
+A partitioned unit is in one of three states, and every transition asserts the state it starts from:
+
+    SHARDED --start()--> GATHERING --wait()--> GATHERED --free()--> SHARDED
+
+SHARDED: only this rank's shard exists (`Unit.shard`, storage of its own); the unit's flat buffer has no
+storage (`untyped_storage().resize_(0)`), and each parameter's data is a *placeholder*: its full shape and
+dtype on its device, every element one shared NaN (a zero-stride view of one element). So `p.shape` stays
+true, and code that reads a parameter outside forward, backward or `gathered()` gets NaN, never memory it does
+not own (a view of the freed buffer would read out of bounds). start() gives the flat buffer its storage
+back, points the parameters at their views of it, copies this rank's shard into its slice and launches one
+gather of the others' slices (collectives.py picks the faster collective per backend). Because the buffer's
+storage is resized rather than replaced, the views autograd saved in forward (e.g. `weight.t()`) see the
+gathered values again, and a parameter autograd saved itself is the same tensor object whose data is swapped
+back: that is what lets backward re-gather a unit freed after forward.
+
+Persistent units (small parameters in stage 3; every unit of stages 1 and 2) are never freed: their shard is
+a view of the flat buffer, which is updated in place by the step and refreshed by a gather after it.
+
+The gathers a rank issues between two steps are logged (unit indices in order): a gather pairs with whatever
+gather its peers issue at the same position, so the step compares the logs of all ranks (see hooks.py).
+"""
+from __future__ import annotations
+
+import enum
+import zlib
+from typing import Dict, List, Optional
+
+import torch
+
+from .units import Unit
+
+
+# One NaN per (dtype, device): every placeholder is a zero-stride view of it.
+_NAN: Dict[tuple, torch.Tensor] = {}
+
+
+def placeholder(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `shape` that holds no memory of its own: every element is one shared NaN (see the note)."""
+    key = (dtype, torch.device(device))
+    if key not in _NAN:
+        _NAN[key] = torch.full((1,), float("nan"), dtype=dtype, device=device)
+    nan = _NAN[key]
+    return nan.view([1] * len(shape)).expand(shape) if len(shape) else nan[0]
+
+
+class ParamState(enum.Enum):
+    SHARDED = "sharded"        # this rank's shard only; the flat buffer holds no storage
+    GATHERING = "gathering"    # the flat buffer has storage and a gather into it is in flight
+    GATHERED = "gathered"      # the flat buffer holds every rank's values
+
+
+class Residency:
+    """The per-unit parameter state machine of stage 3 (see [Note: residency])."""
+
+    def __init__(self, units: List[Unit], comm, shard_device: Optional[torch.device] = None):
+        self.units, self.comm, self.shard_device = units, comm, shard_device
+        self.state = [ParamState.GATHERED] * len(units)
+        self.pending: Dict[int, object] = {}
+        self.log: List[int] = []           # gathers issued since the last step, in order
+        self.nbytes = [0] * len(units)
+        self.views: List[List[torch.Tensor]] = [[] for _ in units]
+        self.peak_live_bytes = 0           # most bytes of partitioned units gathered at once (memory_report)
+
+    def partition(self, i: int) -> None:
+        """Take over unit i right after it was materialized (its parameters view its full flat buffer): a
+        non-persistent unit's shard moves to a tensor of its own (on shard_device, e.g. the host for
+        parameter offload), the buffer's storage is freed and the parameters point at placeholders."""
+        u = self.units[i]
+        self.nbytes[i] = u.padded_numel * u.flat.element_size()
+        self.views[i] = [u.flat[s.offset:s.offset + s.numel].view(s.shape) for s in u.slots]
+        if u.persistent:
+            return
+        src = u.shard_of(u.flat)
+        device = self.shard_device or u.flat.device
+        pin = device.type == "cpu" and u.flat.device.type == "cuda"
+        u.shard = torch.empty(src.numel(), dtype=src.dtype, device=device, pin_memory=pin)
+        u.shard.copy_(src)
+        self.free(i)
+
+    def reallocate_buffers(self) -> None:
+        """Give every sharded unit a new (empty) flat buffer from the allocator current now.
+
+        Why: a storage is always resized by the allocator it was created with. The flat buffers are created
+        before the host block cache is installed (host_memory.py); resized by torch's allocator, every
+        gather would fault a fresh unit-sized mapping in page by page (~8k faults per 32 MiB unit)."""
+        for i, u in enumerate(self.units):
+            if not u.persistent:
+                self._expect(i, ParamState.SHARDED)
+                u.flat = torch.empty(u.padded_numel, dtype=u.flat.dtype, device=u.flat.device)
+                self.views[i] = [u.flat[s.offset:s.offset + s.numel].view(s.shape) for s in u.slots]
+                u.flat.untyped_storage().resize_(0)
+
+    def _point_at(self, i: int, tensors) -> None:
+        for s, t in zip(self.units[i].slots, tensors):
+            s.param.data = t
+
+    # --------------------------------------------------------------------------------------- transitions
+    def _expect(self, i: int, *allowed: ParamState) -> None:
+        if self.state[i] not in allowed:
+            raise RuntimeError(f"zerocore internal error: unit {i} is {self.state[i].value}, expected "
+                               f"{' or '.join(s.value for s in allowed)}")
+
+    def start(self, i: int) -> None:
+        """SHARDED -> GATHERING (partitioned units), or GATHERED -> GATHERING (refresh of a persistent one)."""
+        u = self.units[i]
+        if u.persistent:
+            self._expect(i, ParamState.GATHERED)
+            src = None                      # its shard is a view of the flat buffer, already current
+        else:
+            self._expect(i, ParamState.SHARDED)
+            u.flat.untyped_storage().resize_(self.nbytes[i])
+            self._point_at(i, self.views[i])
+            # (offload_param on a GPU: a pinned host shard, copied asynchronously on the current stream)
+            u.shard_of(u.flat).copy_(u.shard, non_blocking=u.shard.device != u.flat.device)
+            src = u.shard if u.shard.device == u.flat.device else None
+        self.state[i] = ParamState.GATHERING
+        if not u.persistent:
+            self.peak_live_bytes = max(self.peak_live_bytes, sum(
+                n for n, v, s in zip(self.nbytes, self.units, self.state)
+                if not v.persistent and s is not ParamState.SHARDED))
+        self.log.append(i)
+        self.pending[i] = self.comm.gather(u.flat, u.shard_numel,
+                                           f"unit {i} parameters ({u.numel} elements, {u.flat.dtype}, "
+                                           f"owner {u.owner!r})", src=src)
+
+    def wait(self, i: int) -> None:
+        """GATHERING -> GATHERED."""
+        self._expect(i, ParamState.GATHERING)
+        self.pending.pop(i).wait()
+        self.state[i] = ParamState.GATHERED
+
+    def ensure(self, i: int) -> None:
+        """Whatever the state, end GATHERED."""
+        if self.state[i] is ParamState.SHARDED:
+            self.start(i)
+        if self.state[i] is ParamState.GATHERING:
+            self.wait(i)
+
+    def free(self, i: int) -> None:
+        """GATHERED (or GATHERING, waited for first) -> SHARDED; persistent units stay as they are."""
+        u = self.units[i]
+        if u.persistent or self.state[i] is ParamState.SHARDED:
+            return
+        if self.state[i] is ParamState.GATHERING:
+            self.wait(i)
+        self._expect(i, ParamState.GATHERED)
+        self._point_at(i, [placeholder(s.shape, u.flat.dtype, u.flat.device) for s in u.slots])
+        u.flat.untyped_storage().resize_(0)
+        self.state[i] = ParamState.SHARDED
+
+    def expected_data_ptr(self, u: Unit, k: int) -> int:
+        """Where slot k's parameter data should point now (bindings.py checks it)."""
+        if self.state[u.index] is ParamState.SHARDED:
+            return placeholder((), u.flat.dtype, u.flat.device).data_ptr()
+        return self.views[u.index][k].data_ptr()
+
+    # ------------------------------------------------------------------------------------------- groups
+    def free_all(self) -> None:
+        for i in range(len(self.units)):
+            self.free(i)
+
+    def wait_all(self) -> None:
+        for i in list(self.pending):
+            self.wait(i)
+
+    def refresh_persistent(self) -> None:
+        """After a step: gather the persistent units' updated shards."""
+        for i, u in enumerate(self.units):
+            if u.persistent:
+                self.start(i)
+
+    def live_numel(self) -> int:
+        """Elements of partitioned units that hold storage now (gathering or gathered)."""
+        return sum(u.numel for u, s in zip(self.units, self.state)
+                   if not u.persistent and s is not ParamState.SHARDED)
+
+    def log_digest(self) -> List[float]:
+        """(number of gathers, crc32 of their order) since the last step, exact in float64."""
+        data = torch.tensor(self.log, dtype=torch.int64).numpy().tobytes()
+        return [float(len(self.log)), float(zlib.crc32(data))]
