@@ -340,5 +340,14 @@ def test_schema_declares_exactly_what_the_kernel_mutates():
             [torch.empty(n, dtype=torch.bfloat16)], torch.tensor([0.5]), torch.zeros(1), 1e-3, 0.9, 0.999, 1e-8,
             0.01, 1, True, True)
     A.simd_level()  # loads the op library
-    result = torch.library.opcheck(torch.ops.zerocore.adam_step.default, args, test_utils=("test_schema",))
-    assert result == {"test_schema": "SUCCESS"}
+    result = torch.library.opcheck(torch.ops.zerocore.adam_step.default, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert result == {"test_schema": "SUCCESS", "test_faketensor": "SUCCESS"}
+
+
+def test_meta_tensors_go_through_the_fake_kernel():
+    A.simd_level()
+    n = 8
+    meta = lambda dt=torch.float32: torch.empty(n, device="meta", dtype=dt)  # noqa: E731
+    torch.ops.zerocore.adam_step([meta()], [meta()], [meta()], [meta(torch.bfloat16)], [], None,
+                                 torch.empty(1, device="meta"), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, True, False)

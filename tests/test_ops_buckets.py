@@ -194,10 +194,11 @@ def test_float64_bound_for_scaled_casts():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 def test_schemas_declare_their_mutations(device):
-    """torch.library.opcheck: the schema's (a!) annotations match what the kernels write."""
+    """torch.library.opcheck: the schema's (a!) annotations match what the kernels write, and the fake
+    (meta) kernels accept what the real ones do."""
     srcs = [torch.randn(5, device=device), torch.randn(3, device=device).bfloat16()]
     flat = torch.randn(8, device=device)
-    checks = ("test_schema", "test_autograd_registration")
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     for op, args in ((torch.ops.zerocore.pack.default, (srcs, flat, [0, 5], 0.5, True)),
                      (torch.ops.zerocore.unpack.default, (flat, srcs, [0, 5], 0.5))):
         result = torch.library.opcheck(op, args, test_utils=checks)

@@ -618,6 +618,9 @@ def collective_timeout(rank, world):
         msg = str(e)
         if "agreement on a backward pass" not in msg or "did not finish within" not in msg:
             raise AssertionError(f"timeout error does not name the operation: {msg}")
+        if "rank 0 waits in all_gather of the agreement on a backward pass" not in msg or \
+                "rank 1 did not time out" not in msg:
+            raise AssertionError(f"timeout error does not say what each rank was doing: {msg}")
         return {"message": msg.splitlines()[0][:200], "seconds": time.time() - t0}
     raise AssertionError("no timeout raised although the other ranks never joined")
 

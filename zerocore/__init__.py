@@ -10,13 +10,13 @@ def __getattr__(name):
     if name == "ZeroOptimizer":
         from .zero import ZeroOptimizer
         return ZeroOptimizer
-    if name == "gathered_parameters":
-        from .zero import gathered_parameters
-        return gathered_parameters
+    if name in ("gathered_parameters", "ZeroInit", "load_partitioned"):
+        from . import zero
+        return getattr(zero, name)
     if name == "consolidate":
         from .zero.consolidate import consolidate
         return consolidate
     raise AttributeError(f"module 'zerocore' has no attribute {name!r}")
 
 
-__all__ = ["ZeroOptimizer", "consolidate", "gathered_parameters", "__version__"]
+__all__ = ["ZeroOptimizer", "ZeroInit", "consolidate", "gathered_parameters", "load_partitioned", "__version__"]

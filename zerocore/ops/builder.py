@@ -327,6 +327,8 @@ def load(name: str, verbose: bool = False):
         raise OpBuildError(f"op {name!r} was built at {path} but failed to load: {e}; delete that folder to "
                            "rebuild it") from e
     _loaded[name] = module
+    from . import fakes
+    fakes.register(name)                  # meta / FakeTensor kernels of the ops it defines
     _load_seconds[name] = time.perf_counter() - started
     _load_origin[name] = f"{origin}: {path.parent}"
     return module

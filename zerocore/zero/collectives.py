@@ -151,6 +151,7 @@ class Collectives:
         self.closed = False
         self.uid = "unset"                 # same on every rank once the engine agreed on it (store keys)
         self._incidents = 0
+        self._timeouts = 0
         self._releasing: List[tuple] = []  # (tensor, use count before launch, launch) the backend may hold
         self._launches = 0
 
@@ -285,7 +286,7 @@ class Collectives:
             return CollectiveTimeout(
                 f"zerocore: {what} did not finish within {elapsed_s:.3g} s (comm_timeout_s={self.timeout_s:g}; "
                 f"{text}). Another rank stopped calling collectives (diverged control flow, an exception, or a "
-                "hang); check the other ranks' logs. Raise comm_timeout_s if the operation is just slow.")
+                f"hang){self._what_others_wait_in(what)}. Raise comm_timeout_s if the operation is just slow.")
         missing = self._unresponsive_ranks()
         if missing is None:
             who = ("the rendezvous store cannot be reached either, so the rank that hosts it (rank 0 under "
@@ -300,14 +301,38 @@ class Collectives:
                            f"connection ({text}); {who}. Every rank must run the same training loop; fix the "
                            "failing rank and restart the job.", missing)
 
+    def _what_others_wait_in(self, what: str) -> str:
+        """After a timeout: every rank that timed out too says (through the store) which collective it waits
+        in, so the error names the ranks and the operations that failed to pair ([Note: peer failure])."""
+        self._timeouts += 1
+        prefix = f"zerocore/{self.uid}/timeout{self._timeouts}/"
+        try:
+            store = self._store()
+            store.set(prefix + str(self.rank), what)
+            deadline = time.monotonic() + PEER_POLL_S
+            while True:
+                here = [r for r in range(self.world_size) if store.check([prefix + str(r)])]
+                if len(here) == self.world_size or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            parts = [f"rank {r} waits in {store.get(prefix + str(r)).decode()}" if r in here else
+                     f"rank {r} did not time out within {PEER_POLL_S:g} s more (busy outside collectives, or gone)"
+                     for r in range(self.world_size)]
+        except (RuntimeError, OSError):   # the store's host is gone too
+            return "; the other ranks cannot be asked (the rendezvous store is gone)"
+        return "; " + "; ".join(parts)
+
+    def _store(self):
+        group = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
+        return group.get_group_store() if hasattr(group, "get_group_store") else \
+            dist.distributed_c10d._get_default_store()
+
     def _unresponsive_ranks(self) -> Optional[List[int]]:
         """Ranks that do not check in through the store within PEER_POLL_S ([Note: peer failure])."""
         self._incidents += 1
         prefix = f"zerocore/{self.uid}/incident{self._incidents}/"
-        group = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
-        store = group.get_group_store() if hasattr(group, "get_group_store") else \
-            dist.distributed_c10d._get_default_store()
         try:
+            store = self._store()
             store.set(prefix + str(self.rank), "alive")
             others = [r for r in range(self.world_size) if r != self.rank]
             deadline = time.monotonic() + PEER_POLL_S

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from . import host_memory, state_dict as sd_format, step as step_ops
+from . import host_memory, init as zero_init, state_dict as sd_format, step as step_ops
 from .bindings import Bindings, ParameterReplacedError
 from .collectives import Collectives
 from .config import ZeroConfig
@@ -183,14 +183,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                 offload=self.offload, stage=cfg.stage, reduce_dtype=self.reduce_dtype,
                                 accumulation_steps=cfg.gradient_accumulation_steps)
         self.shard_offsets = self.store.offsets
-        self.store.init_masters()          # from the original values, before any cast to the compute dtype
         if cfg.stage == 3:                     # each rank keeps only its shards
             self.residency = Residency(self.units, self.comm,
                                        torch.device("cpu") if cfg.offload_param == "cpu" else None)
-        for u in self.units:
+        in_unit = {id(s.param) for u in self.units for s in u.slots}
+        for _, p in named_all:                 # ZeroInit's pieces of parameters no unit takes (frozen ones)
+            if id(p) not in in_unit:
+                self._take_zero_init_piece(p)
+        for u in self.units:                   # one unit at a time: the peak is the model (or its pieces) + a unit
+            for s in u.slots:
+                self._take_zero_init_piece(s.param)
+            self.store.init_masters([u])       # from the original values, before any cast to the compute dtype
             materialize(u, self.compute_dtype, self.device)
             if cfg.stage == 3:
-                self.residency.partition(u.index)    # one unit at a time: the peak is the model + one unit
+                self.residency.partition(u.index)
         if cfg.dtype is not None:
             for _, p in named_all:
                 if not p.requires_grad and p.is_floating_point():
@@ -258,10 +264,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         _OPEN.add(self)
 
     # ---------------------------------------------------------------------------------------- construction
+    def _take_zero_init_piece(self, p: torch.nn.Parameter) -> None:
+        """A parameter built under ZeroInit gets its full values back (gathered from every rank's piece)."""
+        full = zero_init.gather_full(p, self.comm)
+        if full is not None:
+            p.data = full
+
     @torch.no_grad()
     def _broadcast_module_states(self, model: torch.nn.Module) -> None:
-        """Give every rank rank 0's parameters and buffers (sync_module_states, as DDP and FSDP do)."""
-        tensors = [p for p in model.parameters()] + [b for b in model.buffers()]
+        """Give every rank rank 0's parameters and buffers (sync_module_states, as DDP and FSDP do).
+        Parameters built under ZeroInit were synchronized there (and hold no values here)."""
+        tensors = [p for p in model.parameters() if not zero_init.is_partitioned(p)] + list(model.buffers())
         pending = []
         for t in tensors:
             data = t.detach()

@@ -59,11 +59,13 @@ class StateStore:
             self.grad_store = self._alloc(self.total, self._grad_store_dtype).zero_()
 
     @torch.no_grad()
-    def init_masters(self) -> None:
-        """Fill the fp32 masters from the parameters' original values (before any cast to the compute dtype)."""
+    def init_masters(self, units: Optional[List[Unit]] = None) -> None:
+        """Fill the fp32 masters of `units` (default: all) from the parameters' original values (before any
+        cast to the compute dtype)."""
         if self.master is None:
             return
-        for u, off in zip(self.units, self.offsets):
+        for u in (self.units if units is None else units):
+            off = self.offsets[u.index]
             for s in u.owned_slots():
                 self.master[off + s.shard_pos:off + s.shard_pos + s.owned_numel].copy_(
                     s.param.detach().reshape(-1)[s.own_start:s.own_end])
