@@ -3,7 +3,8 @@
 Model: the 67.2M-param MLP of bench_zero.py (fp32, stage 2, one step taken). Each rank saves its shard with
 `opt.save_checkpoint` (safetensors, manifest with crc32s, fsync, rename) and, beside it in the same run,
 `torch.save(opt.state_dict(), ...)` of the same state (no fsync: torch.save's plain behaviour); then loads with
-`opt.load_checkpoint` and `opt.load_state_dict(torch.load(..., weights_only=True))`. The implementations run
+`opt.load_checkpoint` and `opt.load_state_dict(torch.load(..., weights_only=True))`; and an async save (the
+call, then the wait for its background write). The implementations run
 interleaved for several rounds; medians are reported, with the peak RSS above the rank's RSS before the call
 (VmHWM is reset through /proc/self/clear_refs before each call). `consolidate` is timed once at the end.
 
@@ -65,13 +66,18 @@ def _worker(rank, world, port, rounds, folder, out):
            "torch.save": lambda r: torch.save(opt.state_dict(), torch_file),
            "torch.save + fsync": lambda r: torch_save_fsync(),
            "zerocore load": lambda r: opt.load_checkpoint(folder, tag=f"round{r}"),
+           # async_save: the call returns once the shards are host copies; the files are written in a thread
+           # and committed at the next call (here wait_for_checkpoint() right away, timed on its own).
+           "zerocore save, async_save=True: the call": lambda r: opt.save_checkpoint(folder, tag=f"async{r}",
+                                                                                     async_save=True),
+           "zerocore save, async_save=True: wait_for_checkpoint() after it": lambda r: opt.wait_for_checkpoint(),
            "torch.load": lambda r: opt.load_state_dict(torch.load(torch_file, weights_only=True))}
     results = {name: [] for name in ops}
-    saves, loads = list(ops)[:3], list(ops)[3:]
+    saves, loads, async_pair = list(ops)[:3], list(ops)[3:5], list(ops)[5:]
     for r in range(rounds):
         # Saves before loads (a load needs its files); within each, the order flips every round so that the
         # memory one leaves mapped (the host block cache keeps freed blocks) does not always favour the same one.
-        for name in (saves if r % 2 == 0 else saves[::-1]) + (loads if r % 2 == 0 else loads[::-1]):
+        for name in (saves if r % 2 == 0 else saves[::-1]) + (loads if r % 2 == 0 else loads[::-1]) + async_pair:
             dist.barrier()
             results[name].append(_measured(lambda: ops[name](r)))
     dist.barrier()

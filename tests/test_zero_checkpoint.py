@@ -35,6 +35,12 @@ def test_resume_at_the_same_world_size_is_bit_identical(saved_at_2_ranks):
     assert check_all_ranks(res, C.SAVE[0]) == [{"bit_identical": True}] * 2
 
 
+def test_async_save_commits_at_the_next_call_and_reports_background_failures(saved_at_2_ranks):
+    _, res = saved_at_2_ranks
+    vals = check_all_ranks(res, "async_save_commits_at_next_call")
+    assert all(v["committed"] for v in vals) and len({v["message"] for v in vals}) == 1
+
+
 @pytest.mark.parametrize("world", [1, 3, 4])
 def test_resume_at_another_world_size_and_stage(saved_at_2_ranks, world):
     folder, res = saved_at_2_ranks

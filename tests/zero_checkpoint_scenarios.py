@@ -95,6 +95,54 @@ def save_stage3_at_2(rank, world):
     return {"saved": True}
 
 
+def async_save_commits_at_next_call(rank, world):
+    """async_save returns before the checkpoint is committed; wait_for_checkpoint() commits it, and it holds
+    the state of the save even though training changed it meanwhile. A write that fails in the background
+    raises at the next call on every rank, naming the checkpoint, and leaves 'latest' alone."""
+    import zerocore.zero.checkpoint as ck
+    model = mlp()
+    opt = _opt(model, 2)
+    _train(model, opt, rank, world, 0, 2)
+    before = opt.state_dict()
+    where = _dir() / "async"
+    folder = opt.save_checkpoint(where, tag="t2", async_save=True)
+    if (where / "latest").exists():
+        raise AssertionError("an async save was committed before the next call")
+    _train(model, opt, rank, world, 2, 3)                 # training goes on while the files are written
+    opt.wait_for_checkpoint()
+    if (where / "latest").read_text() != "t2" or not (folder / "manifest.json").exists():
+        raise AssertionError("wait_for_checkpoint() did not commit the async save")
+    fresh = mlp(seed=9)
+    opt2 = _opt(fresh, 2)
+    opt2.load_checkpoint(where)
+    after = opt2.state_dict()
+    for name, e in before["params"].items():
+        for k in ("master", "exp_avg", "exp_avg_sq"):
+            if not torch.equal(e[k], after["params"][name][k]):
+                raise AssertionError(f"{name}/{k} in the async checkpoint is not the state at the save")
+    original = ck._write_safetensors
+    if rank == 1:
+        def failing(path, tensors):
+            raise OSError(28, "No space left on device (simulated)")
+        ck._write_safetensors = failing
+    try:
+        opt.save_checkpoint(where, tag="t3", async_save=True)
+        try:
+            opt.wait_for_checkpoint()
+        except ck.CheckpointError as e:
+            msg = str(e)
+        else:
+            raise AssertionError("a failed background write raised nothing")
+    finally:
+        ck._write_safetensors = original
+    if "'t3'" not in msg or "background" not in msg or "rank 1" not in msg:
+        raise AssertionError(f"the error does not name the checkpoint, the background write and the rank: {msg}")
+    if (where / "latest").read_text() != "t2" or any(p.name.startswith(".t3") for p in where.iterdir()):
+        raise AssertionError("the failed async save changed 'latest' or left its staging folder")
+    opt.close(), opt2.close()
+    return {"committed": True, "message": msg}
+
+
 def _resume(stage, saved_by=2):
     def scenario(rank, world):
         """Resume the 2-rank checkpoint (saved under stage 2, or 3) at this world size and stage; compare with
@@ -126,6 +174,6 @@ resume_stage3 = _resume(3)
 resume_stage1_from_stage3 = _resume(1, saved_by=3)
 resume_stage3_from_stage3 = _resume(3, saved_by=3)
 
-SAVE = ["save_at_2_and_resume_at_2", "save_stage3_at_2"]
+SAVE = ["save_at_2_and_resume_at_2", "save_stage3_at_2", "async_save_commits_at_next_call"]
 RESUME = ["resume_stage2", "resume_stage1", "resume_stage3", "resume_stage1_from_stage3",
           "resume_stage3_from_stage3"]

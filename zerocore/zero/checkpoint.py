@@ -14,18 +14,21 @@ Every rank writes into a staging folder `.TAG.partial-UID` (each file written, f
 agree that all writes succeeded, rank 0 writes the manifest, renames the folder to TAG and only then replaces
 `latest`. A crash or a full disk at any point leaves the previous checkpoints and `latest` as they were; a staging
 folder left by a crash is never read. Loading builds, for each rank, the ranges it owns from whichever files hold
-them (so any world size and stage 1 or 2 load without conversion), checks each tensor it reads against the
+them (so any world size and stage 1, 2 or 3 load without conversion), checks each tensor it reads against the
 manifest's crc32, and hands them to load_state_dict(), whose cross-rank agreement makes the load all or nothing.
 """
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
 import secrets
 import shutil
+import threading
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -113,9 +116,61 @@ def rank_file(rank: int, world: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- save
-def save(opt, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_scheduler=None) -> Path:
-    """ZeroOptimizer.save_checkpoint (see there). Every rank must call it; returns the checkpoint's folder."""
-    import zerocore
+@dataclass
+class PendingSave:
+    """One save between its start (collective: the tag; this rank's shards copied to host memory) and its
+    commit (collective: every rank wrote; rank 0's manifest, rename and `latest`). In between its files are
+    written, in a background thread for async_save ([Note: async save])."""
+    root: Path
+    tag: str
+    staging: Path
+    final: Path
+    sd: Optional[dict] = None
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)       # rank 0: frozen parameters, buffers
+    client: Optional[bytes] = None                                     # rank 0: client_state.pt's bytes
+    info: dict = field(default_factory=dict)
+    error: Optional[str] = None
+    thread: Optional[threading.Thread] = None
+
+
+def save(opt, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_scheduler=None,
+         async_save: bool = False) -> Path:
+    """ZeroOptimizer.save_checkpoint (see there). Every rank must call it; returns the checkpoint's folder.
+
+    [Note: async save]
+    With async_save the call returns once this rank's shards (and, on rank 0, the frozen parameters, buffers
+    and the serialized client state) are copies in host memory; a thread writes and fsyncs the files while
+    training goes on. The commit needs every rank (collectives), so it happens at the next save_checkpoint,
+    load_checkpoint, wait_for_checkpoint() or close() (the exit hook too): until then the checkpoint is a
+    staging folder and `latest` names the previous one, so a crash in between loses only this checkpoint. A
+    failure in the background raises at that next call, on every rank, naming the checkpoint."""
+    finish_pending(opt)
+    pending = _start(opt, ckpt_dir, tag, client_state, lr_scheduler)
+    if async_save and pending.error is None:
+        pending.thread = threading.Thread(target=_write, args=(opt.rank, opt.world_size, pending),
+                                          name=f"zerocore-save-{pending.tag}", daemon=True)
+        pending.thread.start()
+        opt._pending_save = pending
+        return pending.final
+    if pending.error is None:
+        _write(opt.rank, opt.world_size, pending)
+    return _commit(opt, pending)
+
+
+def finish_pending(opt) -> None:
+    """Wait for an async save's files and commit it (every rank calls it at the same point); raises a
+    CheckpointError naming the checkpoint if it failed."""
+    pending = getattr(opt, "_pending_save", None)
+    if pending is None:
+        return
+    opt._pending_save = None
+    pending.thread.join()
+    _commit(opt, pending, background=True)
+
+
+def _start(opt, ckpt_dir, tag, client_state, lr_scheduler) -> PendingSave:
     root = Path(ckpt_dir)
     tag = tag if tag is not None else f"global_step{opt.global_steps}"
     comm = opt.comm
@@ -125,28 +180,74 @@ def save(opt, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_schedul
     if any(p["tag"] != tag for p in plan):
         raise ValueError(f"save_checkpoint: the ranks passed different tags {[p['tag'] for p in plan]}")
     check_tag(tag)
-    staging = root / f".{tag}.partial-{plan[0]['uid']}"
-    final = root / tag
-    info, error, sd = {}, None, None
+    pending = PendingSave(root, tag, root / f".{tag}.partial-{plan[0]['uid']}", root / tag)
     try:
-        sd = opt.state_dict()
-        if final.exists():
-            raise FileExistsError(f"checkpoint {final} already exists: pass another tag or remove it first")
-        staging.mkdir(parents=True, exist_ok=True)
-        tensors, params = {}, {}
+        pending.sd = sd = opt.state_dict()          # host copies: training may change the originals now
+        if pending.final.exists():
+            raise FileExistsError(f"checkpoint {pending.final} already exists: pass another tag or remove it first")
         for name, e in sd["params"].items():
-            params[name] = {"shape": list(e["shape"]), "start": e["start"], "end": e["end"], "step": e["step"],
-                            "crc32": {}}
+            pending.params[name] = {"shape": list(e["shape"]), "start": e["start"], "end": e["end"],
+                                    "step": e["step"], "crc32": {}}
             for k in STATE_KEYS:
-                tensors[f"{name}/{k}"] = e[k]
-                params[name]["crc32"][k] = _crc(e[k])
-        fname = rank_file(opt.rank, opt.world_size)
-        info = {"file": fname, "size": _write_safetensors(staging / fname, tensors), "params": params}
+                pending.tensors[f"{name}/{k}"] = e[k]
         if opt.rank == 0:
-            info["extras"] = _save_rank0_extras(opt, staging, client_state, lr_scheduler)
-    except Exception as e:  # noqa: BLE001 - reported to every rank below, so all of them raise together
-        error = f"rank {opt.rank}: {type(e).__name__}: {e}"
-    everyone = comm.all_gather_object({"info": info, "error": error}, "the checkpoint files of every rank")
+            # clone: tied tensors share memory, and training goes on changing the buffers
+            pending.extra = {k: v.detach().cpu().clone() for k, v in extra_state(opt.model).items()}
+            if client_state is not None or lr_scheduler is not None:
+                pending.client = _client_bytes({"client_state": client_state, "lr_scheduler":
+                                                lr_scheduler.state_dict() if lr_scheduler is not None else None})
+    except Exception as e:  # noqa: BLE001 - reported to every rank at the commit, so all of them raise together
+        pending.error = f"rank {opt.rank}: {type(e).__name__}: {e}"
+    return pending
+
+
+def _client_bytes(payload) -> bytes:
+    """client_state.pt's bytes, refused now if a load (weights_only=True) would refuse them later."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"client_state holds something torch.load(weights_only=True) cannot load "
+                              f"({str(e).splitlines()[0]}): keep it to tensors and plain Python data") from None
+    return data
+
+
+def _write(rank: int, world: int, pending: PendingSave) -> None:
+    """Write and fsync this rank's files into the staging folder (no collectives: may run in a thread)."""
+    try:
+        pending.staging.mkdir(parents=True, exist_ok=True)
+        for name, meta in pending.params.items():
+            for k in STATE_KEYS:
+                meta["crc32"][k] = _crc(pending.tensors[f"{name}/{k}"])
+        fname = rank_file(rank, world)
+        pending.info = {"file": fname, "size": _write_safetensors(pending.staging / fname, pending.tensors),
+                        "params": pending.params}
+        if rank == 0:
+            extras = {}
+            if pending.extra:
+                extras[EXTRA] = {"size": _write_safetensors(pending.staging / EXTRA, pending.extra),
+                                 "crc32": {k: _crc(v) for k, v in pending.extra.items()},
+                                 "dtype": {k: str(v.dtype) for k, v in pending.extra.items()}}
+            if pending.client is not None:
+                path = pending.staging / CLIENT
+                _write_atomically(path, pending.client)
+                extras[CLIENT] = {"size": len(pending.client), "crc32": zlib.crc32(pending.client)}
+            pending.info["extras"] = extras
+    except Exception as e:  # noqa: BLE001 - reported at the commit
+        pending.error = f"rank {rank}: {type(e).__name__}: {e}"
+    finally:
+        pending.tensors = {}           # the host copies are on disk (or lost): let them go
+        pending.extra = {}
+
+
+def _commit(opt, pending: PendingSave, background: bool = False) -> Path:
+    import zerocore
+    comm, staging, final, root, tag, sd = opt.comm, pending.staging, pending.final, pending.root, pending.tag, \
+        pending.sd
+    everyone = comm.all_gather_object({"info": pending.info, "error": pending.error},
+                                      "the checkpoint files of every rank")
     errors = [x["error"] for x in everyone if x["error"]]
     if not errors and opt.rank == 0:
         renamed = False
@@ -176,8 +277,9 @@ def save(opt, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_schedul
         shutil.rmtree(staging, ignore_errors=True)       # never the previous checkpoints
     verdict = comm.all_gather_object(errors, "the outcome of the checkpoint save")[0]
     if verdict:
-        raise CheckpointError(f"zerocore: saving checkpoint {tag!r} under {root} failed; the previous checkpoints "
-                              "and 'latest' are unchanged:\n  " + "\n  ".join(verdict))
+        how = "in the background (async_save), reported at this call" if background else ""
+        raise CheckpointError(f"zerocore: saving checkpoint {tag!r} under {root} failed{' ' + how if how else ''}; "
+                              "the previous checkpoints and 'latest' are unchanged:\n  " + "\n  ".join(verdict))
     return final
 
 
@@ -195,29 +297,6 @@ def extra_state(model) -> Dict[str, torch.Tensor]:
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict(keep_vars=True).items()
             if isinstance(v, torch.Tensor) and id(v) not in trainable}
-
-
-def _save_rank0_extras(opt, staging: Path, client_state, lr_scheduler) -> dict:
-    """Frozen parameters, buffers and the client payload; returns their manifest entry (sizes and crc32s)."""
-    out = {}
-    extra = {k: v.detach().cpu().clone() for k, v in extra_state(opt.model).items()}   # clone: tied share memory
-    if extra:
-        out[EXTRA] = {"size": _write_safetensors(staging / EXTRA, extra),
-                      "crc32": {k: _crc(v) for k, v in extra.items()},
-                      "dtype": {k: str(v.dtype) for k, v in extra.items()}}
-    if client_state is not None or lr_scheduler is not None:
-        payload = {"client_state": client_state,
-                   "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None}
-        path = staging / CLIENT
-        torch.save(payload, path)
-        _fsync_file(path)
-        try:                            # refuse now what a load (weights_only=True) would refuse later
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"client_state holds something torch.load(weights_only=True) cannot load "
-                                  f"({str(e).splitlines()[0]}): keep it to tensors and plain Python data") from None
-        out[CLIENT] = {"size": path.stat().st_size, "crc32": _file_crc(path)}
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------- load

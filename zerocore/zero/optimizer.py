@@ -440,6 +440,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         try:
             self.wait_for_params()
             self.reducer.drain()
+            self.wait_for_checkpoint()
         except Exception as e:  # noqa: BLE001 - the exit hook must not raise; close() re-raises below
             if raise_errors:
                 self._release()
@@ -626,17 +627,29 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._launch_gathers()
         self.wait_for_params()
 
-    def save_checkpoint(self, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_scheduler=None):
+    def save_checkpoint(self, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_scheduler=None,
+                        async_save: bool = False):
         """Write this rank's shards, one manifest and `latest` under ckpt_dir/tag (default
         "global_step{N}"), crash-safe: a crash or full disk midway leaves the previous checkpoints loadable
         ([Note: checkpoint layout] in checkpoint.py). Every rank must call it. client_state: tensors and plain
         Python data (loaded with weights_only=True); lr_scheduler: its state_dict() is saved too. Returns the
         checkpoint's folder.
 
-        >>> # opt.save_checkpoint("ckpt", client_state={"epoch": 3}, lr_scheduler=sched)
+        async_save=True returns once the shards are copied to host memory; the files are written in the
+        background and the checkpoint is committed (manifest, `latest`) at the next save_checkpoint,
+        load_checkpoint, wait_for_checkpoint() or close(), which raise if the background write failed
+        ([Note: async save] in checkpoint.py).
+
+        >>> # opt.save_checkpoint("ckpt", client_state={"epoch": 3}, lr_scheduler=sched, async_save=True)
         """
         from .checkpoint import save
-        return save(self, ckpt_dir, tag, client_state=client_state, lr_scheduler=lr_scheduler)
+        return save(self, ckpt_dir, tag, client_state=client_state, lr_scheduler=lr_scheduler,
+                    async_save=async_save)
+
+    def wait_for_checkpoint(self) -> None:
+        """Finish and commit an async save_checkpoint (every rank calls it); raises if it failed."""
+        from .checkpoint import finish_pending
+        finish_pending(self)
 
     def load_checkpoint(self, ckpt_dir, tag: Optional[str] = None, lr_scheduler=None):
         """Load a checkpoint written by save_checkpoint at any world size and stage 1, 2 or 3 (`latest` unless
@@ -644,7 +657,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         checks every tensor against the manifest's crc32; a missing, truncated, corrupt or mismatched checkpoint
         raises the same error on every rank, naming the file or parameter, and nothing is loaded."""
         import copy
-        from .checkpoint import extra_state, read_for_rank
+        from .checkpoint import extra_state, finish_pending, read_for_rank
+        finish_pending(self)
         sources, extra, client, problems = read_for_rank(self, ckpt_dir, tag)
         saved_sched = client.get("lr_scheduler") if isinstance(client, dict) else None
         if lr_scheduler is not None and not problems:
