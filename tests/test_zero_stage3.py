@@ -144,3 +144,15 @@ def test_a_parameter_read_outside_its_module_is_named_at_the_step(single_rank_gr
             opt.step()
     finally:
         opt.close()
+
+
+def test_a_write_to_a_partitioned_parameter_is_refused_not_lost(single_rank_group):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = ZeroOptimizer(model, stage=3, param_persistence_threshold=0, bucket_size=10)
+    try:
+        with torch.no_grad():
+            model[0].weight.zero_()          # outside gathered(): its values live in the shards
+        with pytest.raises(RuntimeError, match=r"0\.weight.*written while partitioned.*gathered_parameters"):
+            model(torch.randn(2, 8))
+    finally:
+        opt.close()

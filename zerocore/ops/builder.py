@@ -326,9 +326,13 @@ def load(name: str, verbose: bool = False):
     except (OSError, ImportError, RuntimeError) as e:
         raise OpBuildError(f"op {name!r} was built at {path} but failed to load: {e}; delete that folder to "
                            "rebuild it") from e
-    _loaded[name] = module
     from . import fakes
-    fakes.register(name)                  # meta / FakeTensor kernels of the ops it defines
+    try:
+        fakes.register(name)              # meta / FakeTensor kernels of the ops it defines
+    except (RuntimeError, ValueError) as e:   # e.g. another package registered one first: the ops still work
+        import warnings
+        warnings.warn(f"zerocore: fake (meta) kernels of {name!r} not registered: {e}", RuntimeWarning)
+    _loaded[name] = module
     _load_seconds[name] = time.perf_counter() - started
     _load_origin[name] = f"{origin}: {path.parent}"
     return module

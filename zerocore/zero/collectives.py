@@ -306,19 +306,28 @@ class Collectives:
         in, so the error names the ranks and the operations that failed to pair ([Note: peer failure])."""
         self._timeouts += 1
         prefix = f"zerocore/{self.uid}/timeout{self._timeouts}/"
+        # An entry is only believed if it was written around now: keys of engines that never agreed on a uid
+        # ("unset") or of an older timeout could otherwise be read as this one.
+        fresh = self.timeout_s + 2 * PEER_POLL_S
+
+        def current(r):
+            if not store.check([prefix + str(r)]):
+                return None
+            stamp, _, text = store.get(prefix + str(r)).decode().partition("|")
+            return text if abs(time.time() - float(stamp)) <= fresh else None
         try:
             store = self._store()
-            store.set(prefix + str(self.rank), what)
+            store.set(prefix + str(self.rank), f"{time.time()}|{what}")
             deadline = time.monotonic() + PEER_POLL_S
             while True:
-                here = [r for r in range(self.world_size) if store.check([prefix + str(r)])]
-                if len(here) == self.world_size or time.monotonic() >= deadline:
+                seen = {r: current(r) for r in range(self.world_size)}
+                if all(v is not None for v in seen.values()) or time.monotonic() >= deadline:
                     break
                 time.sleep(0.05)
-            parts = [f"rank {r} waits in {store.get(prefix + str(r)).decode()}" if r in here else
+            parts = [f"rank {r} waits in {v}" if v is not None else
                      f"rank {r} did not time out within {PEER_POLL_S:g} s more (busy outside collectives, or gone)"
-                     for r in range(self.world_size)]
-        except (RuntimeError, OSError):   # the store's host is gone too
+                     for r, v in seen.items()]
+        except (RuntimeError, OSError, ValueError):   # the store's host is gone too (or holds a foreign value)
             return "; the other ranks cannot be asked (the rendezvous store is gone)"
         return "; " + "; ".join(parts)
 

@@ -5,8 +5,12 @@ Inside `with ZeroInit():`, a module's parameters are partitioned as soon as the 
 parent (torch's global module-registration hook fires after the child's __init__, so its own initialization
 has run on full tensors, consuming the random stream exactly as a plain build does): each rank keeps
 1/N of each flattened parameter (rank r holds [r*c, (r+1)*c) with c = ceil(numel/N)), and the parameter's data
-becomes the placeholder stage 3 uses (full shape and dtype, one shared NaN; see residency.py). Parameters no
-parent took (the root model's own) are partitioned when the context exits. With sync_module_states (the
+becomes the placeholder stage 3 uses (full shape and dtype, one NaN cell of its own; see residency.py).
+Parameters no parent took (the root model's own) are partitioned when the context exits, in the order their
+modules first registered something (the same on every rank: the broadcasts must pair). A parent that
+initializes its children's parameters after taking them (`self.apply(_init_weights)`) would write into
+placeholders: initialize inside each module's own __init__ instead; ZeroOptimizer raises, naming the
+parameter, if a placeholder was written. With sync_module_states (the
 default) every parameter is first broadcast from rank 0, so ranks need not share a seed. So a rank holds
 about 1/N of the model plus the module being built (the parameters of modules created before their parent,
 e.g. in a list comprehension, stay whole until the parent takes them).
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .collectives import Collectives
-from .residency import placeholder
+from .residency import is_untouched, placeholder
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Piece:
     chunk: int
     numel: int
     world_size: int
+    placeholder: Optional[torch.Tensor] = None     # what the parameter's data was set to
 
 
 # Parameter -> Piece for every parameter partitioned by a ZeroInit context and not yet taken by an optimizer
@@ -69,11 +74,14 @@ class ZeroInit:
             raise RuntimeError("ZeroInit needs torch.distributed: call torch.distributed.init_process_group first")
         self.comm = Collectives(process_group, comm_timeout_s, "scatter_gather")
         self.sync = sync_module_states
-        self._seen: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+        # Modules that registered a parameter or a child, in first-registration order (weakly).
+        self._seen: Dict[int, "weakref.ref[torch.nn.Module]"] = {}
         self._handles = []
 
     def __enter__(self) -> "ZeroInit":
         from torch.nn.modules import module as nn_module
+        if self._handles:
+            raise RuntimeError("zerocore: this ZeroInit is already active; nest a new ZeroInit() instead")
         self._handles = [nn_module.register_module_module_registration_hook(self._on_child),
                          nn_module.register_module_parameter_registration_hook(self._on_param)]
         return self
@@ -83,19 +91,24 @@ class ZeroInit:
             h.remove()
         self._handles = []
         if exc[0] is None:
-            for m in list(self._seen):        # the root's own parameters, and modules no parent took
-                self._partition_module(m)
-        self._seen = weakref.WeakSet()
+            for ref in list(self._seen.values()):    # the root's own parameters, and modules no parent took
+                m = ref()
+                if m is not None:
+                    self._partition_module(m)
+        self._seen = {}
         self.comm.settle()
 
     # ------------------------------------------------------------------------------------------- hooks
+    def _remember(self, module) -> None:
+        self._seen.setdefault(id(module), weakref.ref(module))
+
     def _on_param(self, module, name, param):
         if param is not None:
-            self._seen.add(module)
+            self._remember(module)
 
     def _on_child(self, parent, name, child):
         if child is not None:
-            self._seen.add(parent)
+            self._remember(parent)
             for m in child.modules():
                 self._partition_module(m)
 
@@ -115,23 +128,31 @@ class ZeroInit:
             lo = min(self.comm.rank * chunk, n)
             hi = min(lo + chunk, n)
             shard[:hi - lo].copy_(flat[lo:hi])
-            _PIECES[p] = Piece(shard, chunk, n, w)
-            p.data = placeholder(p.shape, p.dtype, p.device)
+            ph = placeholder(p.shape, p.dtype, p.device)
+            _PIECES[p] = Piece(shard, chunk, n, w, ph)
+            p.data = ph
 
 
 @torch.no_grad()
 def gather_full(p: torch.nn.Parameter, comm: Collectives) -> Optional[torch.Tensor]:
     """Rebuild a ZeroInit-partitioned parameter's full values (every rank calls it, in the same order) and
     forget its piece; None if `p` was not partitioned by ZeroInit."""
-    piece = _PIECES.pop(p, None)
+    piece = _PIECES.get(p)
     if piece is None:
         return None
     if piece.world_size != comm.world_size:
         raise ValueError(f"zerocore: a parameter was partitioned by ZeroInit over {piece.world_size} ranks but "
                          f"the optimizer's group has {comm.world_size}: use the same process group for both")
+    if p.data_ptr() != piece.placeholder.data_ptr() or not is_untouched(piece.placeholder):
+        raise RuntimeError(f"zerocore: a {tuple(p.shape)} parameter built under ZeroInit was written, cast or "
+                           "moved after its parent module took it (e.g. self.apply(init_weights) or "
+                           "model.half() after construction); its values live in the pieces, so that change "
+                           "would be lost. Initialize each module's parameters in its own __init__, and pass "
+                           "dtype=... to ZeroOptimizer instead of casting.")
     full = torch.empty(piece.chunk * piece.world_size, dtype=piece.shard.dtype, device=piece.shard.device)
     full[comm.rank * piece.chunk:(comm.rank + 1) * piece.chunk].copy_(piece.shard)
     comm.gather(full, piece.chunk, f"a ZeroInit parameter {tuple(p.shape)}", src=piece.shard).wait()
+    del _PIECES[p]                      # only now: a failed gather leaves the piece to retry with
     return full[:piece.numel].view(p.shape)
 
 
@@ -141,7 +162,8 @@ def _source_reader(source):
     safetensors file, a list of them, or a folder of them (Hugging Face's layout, with or without an index)."""
     import os
     if isinstance(source, dict):
-        return {k: (lambda lo, hi, t=t: t.reshape(-1)[lo:hi]) for k, t in source.items()}, {}
+        return ({k: (lambda lo, hi, t=t: t.reshape(-1)[lo:hi]) for k, t in source.items()},
+                {k: list(t.shape) for k, t in source.items()})
     from safetensors import safe_open
     paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     files = []
@@ -164,8 +186,8 @@ def _source_reader(source):
                 row = 1
                 for d in shape[1:]:
                     row *= d
-                if not shape:
-                    return sl[:].reshape(-1)[lo:hi]
+                if not shape or row == 0:
+                    return sl[...].reshape(-1)[lo:hi]
                 first, last = lo // row, max(lo, hi - 1) // row       # only the rows that hold [lo, hi)
                 part = sl[first:last + 1].reshape(-1)
                 return part[lo - first * row:hi - first * row]
@@ -189,9 +211,19 @@ def load_partitioned(model: torch.nn.Module, source, device=None, process_group=
     group = process_group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     readers, shapes = _source_reader(source)
-    wanted = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
-        [n for n, _ in model.named_buffers(remove_duplicate=False)]
-    missing = [n for n in wanted if n not in readers]
+    # A tensor saved once under one of its names (tied weights, as save_pretrained stores them) serves all.
+    names_of: Dict[int, list] = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        names_of.setdefault(id(t), []).append(n)
+    key_of = {}
+    for names in names_of.values():
+        present = [n for n in names if n in readers]
+        for n in names:
+            key_of[n] = present[0] if present else None
+    non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules(remove_duplicate=False)
+                      for b in mod._non_persistent_buffers_set}
+    missing = [n for n, k in key_of.items() if k is None and n not in non_persistent]
     if missing:
         raise KeyError(f"zerocore.load_partitioned: {len(missing)} tensor(s) of the model are not in the source, "
                        f"e.g. {missing[:5]}")
@@ -201,23 +233,29 @@ def load_partitioned(model: torch.nn.Module, source, device=None, process_group=
         for name, p in list(module._parameters.items()):
             if p is None:
                 continue
-            key = prefix + name
+            key = key_of[prefix + name]
             if key in shapes and tuple(shapes[key]) != tuple(p.shape):
                 raise ValueError(f"zerocore.load_partitioned: {key} has shape {tuple(shapes[key])} in the source, "
                                  f"{tuple(p.shape)} in the model")
             new = replaced.get(id(p))
             if new is None:
                 n = p.numel()
-                chunk = -(-n // world)
+                chunk = max(-(-n // world), 1)
                 lo, hi = min(rank * chunk, n), min((rank + 1) * chunk, n)
                 shard = torch.zeros(chunk, dtype=p.dtype, device=device)
-                shard[:hi - lo].copy_(readers[key](lo, hi))
-                new = torch.nn.Parameter(placeholder(p.shape, p.dtype, device), requires_grad=p.requires_grad)
-                _PIECES[new] = Piece(shard, chunk, n, world)
+                if hi > lo:
+                    shard[:hi - lo].copy_(readers[key](lo, hi))
+                ph = placeholder(p.shape, p.dtype, device)
+                new = torch.nn.Parameter(ph, requires_grad=p.requires_grad)
+                _PIECES[new] = Piece(shard, chunk, n, world, ph)
                 replaced[id(p)] = new
             module._parameters[name] = new
         for name, b in list(module._buffers.items()):
-            if b is not None:
-                key = prefix + name
+            key = key_of.get(prefix + name) if b is not None else None
+            if key is not None:
                 module._buffers[name] = readers[key](0, b.numel()).reshape(b.shape).to(device, b.dtype).clone()
+            elif b is not None and b.is_meta:
+                raise ValueError(f"zerocore.load_partitioned: buffer {prefix + name} is not saved in checkpoints "
+                                 "(non-persistent) and is on the meta device: create it on a real device in the "
+                                 "module (e.g. recompute it after loading) before constructing ZeroOptimizer")
     return model

@@ -139,7 +139,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         agreed.update(collective_strategy=self.comm.strategy,
                       param_groups=[sorted((k, v) for k, v in g.items() if k != "param_names") for g in groups])
         description = describe(named_all, [names_group.get(n, -1) for n, _ in named_all], agreed,
-                               digests=None if cfg.sync_module_states else [value_digest(p) for _, p in named_all])
+                               digests=None if cfg.sync_module_states else [
+                                   0 if zero_init.is_partitioned(p) else value_digest(p) for _, p in named_all])
         description["uid"] = secrets.token_hex(8)
         everyone = check_ranks_agree(description, self.comm)
         self.comm.uid = everyone[0]["uid"]      # names this engine's keys in the store (collectives.py)

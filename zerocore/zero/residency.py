@@ -7,9 +7,10 @@ A partitioned unit is in one of three states, and every transition asserts the s
 
 SHARDED: only this rank's shard exists (`Unit.shard`, storage of its own); the unit's flat buffer has no
 storage (`untyped_storage().resize_(0)`), and each parameter's data is a *placeholder*: its full shape and
-dtype on its device, every element one shared NaN (a zero-stride view of one element). So `p.shape` stays
-true, and code that reads a parameter outside forward, backward or `gathered()` gets NaN, never memory it does
-not own (a view of the freed buffer would read out of bounds). start() gives the flat buffer its storage
+dtype on its device, every element one NaN (a zero-stride view of a 1-element cell of its own). So `p.shape`
+stays true, and code that reads a parameter outside forward, backward or `gathered()` gets NaN, never memory it
+does not own (a view of the freed buffer would read out of bounds). A write to a placeholder (`p.zero_()`
+outside `gathered()`) would be lost: start() finds it (the cell is no longer NaN) and raises. start() gives the flat buffer its storage
 back, points the parameters at their views of it, copies this rank's shard into its slice and launches one
 gather of the others' slices (collectives.py picks the faster collective per backend). Because the buffer's
 storage is resized rather than replaced, the views autograd saved in forward (e.g. `weight.t()`) see the
@@ -33,17 +34,17 @@ import torch
 from .units import Unit
 
 
-# One NaN per (dtype, device): every placeholder is a zero-stride view of it.
-_NAN: Dict[tuple, torch.Tensor] = {}
-
-
 def placeholder(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A tensor of `shape` that holds no memory of its own: every element is one shared NaN (see the note)."""
-    key = (dtype, torch.device(device))
-    if key not in _NAN:
-        _NAN[key] = torch.full((1,), float("nan"), dtype=dtype, device=device)
-    nan = _NAN[key]
-    return nan.view([1] * len(shape)).expand(shape) if len(shape) else nan[0]
+    """A tensor of `shape` backed by one element of its own, NaN: a zero-stride view of a 1-element cell (see
+    the note). Each parameter gets its own cell, so an in-place write to one (`zero_()`, `fill_()`) changes
+    only that cell, and is_untouched() can tell it happened."""
+    cell = torch.full((1,), float("nan"), dtype=dtype, device=device)
+    return cell.view([1] * len(shape)).expand(shape) if len(shape) else cell[0]
+
+
+def is_untouched(t: torch.Tensor) -> bool:
+    """Whether a placeholder still holds its NaN (nothing wrote to the parameter while it was one)."""
+    return bool(torch.isnan(t.reshape(-1)[:1]).all()) if t.numel() else True
 
 
 class ParamState(enum.Enum):
@@ -62,6 +63,7 @@ class Residency:
         self.log: List[int] = []           # gathers issued since the last step, in order
         self.nbytes = [0] * len(units)
         self.views: List[List[torch.Tensor]] = [[] for _ in units]
+        self.placeholders: List[List[torch.Tensor]] = [[] for _ in units]     # per slot, made at the first free
         self.peak_live_bytes = 0           # most bytes of partitioned units gathered at once (memory_report)
 
     def partition(self, i: int) -> None:
@@ -111,6 +113,12 @@ class Residency:
             src = None                      # its shard is a view of the flat buffer, already current
         else:
             self._expect(i, ParamState.SHARDED)
+            written = [s.name for s, ph in zip(u.slots, self.placeholders[i]) if not is_untouched(ph)]
+            if written:
+                raise RuntimeError(
+                    f"zerocore: stage 3 parameter(s) {written[:3]} were written while partitioned (outside a forward "
+                    "pass or opt.gathered()), so the write would be lost: change parameters inside "
+                    "`with zerocore.gathered_parameters(params, modifier_rank=0):`.")
             u.flat.untyped_storage().resize_(self.nbytes[i])
             self._point_at(i, self.views[i])
             # (offload_param on a GPU: a pinned host shard, copied asynchronously on the current stream)
@@ -147,14 +155,16 @@ class Residency:
         if self.state[i] is ParamState.GATHERING:
             self.wait(i)
         self._expect(i, ParamState.GATHERED)
-        self._point_at(i, [placeholder(s.shape, u.flat.dtype, u.flat.device) for s in u.slots])
+        if not self.placeholders[i]:
+            self.placeholders[i] = [placeholder(s.shape, u.flat.dtype, u.flat.device) for s in u.slots]
+        self._point_at(i, self.placeholders[i])
         u.flat.untyped_storage().resize_(0)
         self.state[i] = ParamState.SHARDED
 
     def expected_data_ptr(self, u: Unit, k: int) -> int:
         """Where slot k's parameter data should point now (bindings.py checks it)."""
         if self.state[u.index] is ParamState.SHARDED:
-            return placeholder((), u.flat.dtype, u.flat.device).data_ptr()
+            return self.placeholders[u.index][k].data_ptr()
         return self.views[u.index][k].data_ptr()
 
     # ------------------------------------------------------------------------------------------- groups
