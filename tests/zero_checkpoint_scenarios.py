@@ -105,13 +105,22 @@ def async_save_commits_at_next_call(rank, world):
     _train(model, opt, rank, world, 0, 2)
     before = opt.state_dict()
     where = _dir() / "async"
+    sync_folder = opt.save_checkpoint(where, tag="t2sync")            # the same state, written synchronously
     folder = opt.save_checkpoint(where, tag="t2", async_save=True)
-    if (where / "latest").exists():
+    if (where / "latest").read_text() != "t2sync":
         raise AssertionError("an async save was committed before the next call")
     _train(model, opt, rank, world, 2, 3)                 # training goes on while the files are written
     opt.wait_for_checkpoint()
     if (where / "latest").read_text() != "t2" or not (folder / "manifest.json").exists():
         raise AssertionError("wait_for_checkpoint() did not commit the async save")
+    mine = ck.rank_file(rank, world)
+    if (folder / mine).read_bytes() != (sync_folder / mine).read_bytes():
+        raise AssertionError(f"the async save's {mine} differs from the synchronous save's of the same state")
+    if rank == 0:
+        import json
+        a_, s_ = (json.loads((f / "manifest.json").read_text()) for f in (folder, sync_folder))
+        if {k: v for k, v in a_.items() if k != "tag"} != {k: v for k, v in s_.items() if k != "tag"}:
+            raise AssertionError("the async save's manifest differs from the synchronous save's (beyond the tag)")
     fresh = mlp(seed=9)
     opt2 = _opt(fresh, 2)
     opt2.load_checkpoint(where)

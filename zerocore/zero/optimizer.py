@@ -649,6 +649,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def wait_for_checkpoint(self) -> None:
         """Finish and commit an async save_checkpoint (every rank calls it); raises if it failed."""
+        if getattr(self, "_pending_save", None) is None:
+            return                        # (nothing to import at exit, where close() and the hook call this)
         from .checkpoint import finish_pending
         finish_pending(self)
 
