@@ -63,7 +63,6 @@ class ParamHooks:
         self.backward_order: List[torch.nn.Module] = []
         self.recorded = False
         self._cursor = {"forward": 0, "backward": 0}
-        self.keep_gathered = 0                     # depth of gathered() contexts
         self.held: List[List[int]] = []            # the units each open gathered() context holds
         self.forward_calls = 0                     # forward calls of the model since the last step
         # Prefetched units not yet used: the prefetch budget. Not the in-flight gathers, which a rank-local
@@ -77,6 +76,11 @@ class ParamHooks:
         self._backward_recorded = False
         reducer.on_unit_complete = self._unit_complete
         reducer.on_backward_end = self._backward_end
+
+    @property
+    def keep_gathered(self) -> bool:
+        """Inside a gathered() context nothing is freed."""
+        return bool(self.held)
 
     # ----------------------------------------------------------------------------------------- forward
     def _pre_forward(self, module, args) -> None:

@@ -81,8 +81,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     `model` become views of per-unit flat buffers; in stages 1 and 2 every rank keeps the full parameters and
     only its own slice of fp32 masters, Adam state and (stage 2) gradients. In stage 3 it keeps only its slice
     of the parameters too: a unit (a module's parameters) is gathered for its module's forward and backward and
-    freed after; outside them, and outside `with opt.gathered():`, a parameter has its full shape but no
-    storage (README, "Stage 3").
+    freed after; outside them, and outside `with opt.gathered():`, a parameter is a placeholder of its full
+    shape whose every element is NaN (README, "Stage 3").
 
     Options (keyword, see ZeroConfig): stage=2, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
     adamw=True, dtype=None (compute dtype, e.g. torch.bfloat16; fp32 masters are kept), reduce_dtype=None,
@@ -734,14 +734,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         were_sharded = [i for i in chosen if self.residency.state[i] is ParamState.SHARDED]
         for i in chosen:                          # unit order: the same gathers on every rank
             self.residency.ensure(i)
-        sched.keep_gathered += 1
         sched.held.append(chosen)
         try:
             yield
             if modifier_rank is not None:
                 self._adopt_from(modifier_rank, chosen)
         finally:
-            sched.keep_gathered -= 1
             sched.held.remove(chosen)
             still_held = {i for held in sched.held for i in held}
             for i in were_sharded:                # what was gathered before the context stays so
