@@ -183,7 +183,7 @@ class ParamHooks:
                 ahead = sum(self.prefetched.values())
                 if ahead and ahead + numel > self.prefetch_numel:
                     return
-                if self.res.live_numel() + numel > self.max_live_numel:
+                if self.res.live_numel + numel > self.max_live_numel:
                     return
                 self.prefetched[i] = numel
                 self.res.start(i)

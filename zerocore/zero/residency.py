@@ -64,6 +64,10 @@ class Residency:
         self.nbytes = [0] * len(units)
         self.views: List[List[torch.Tensor]] = [[] for _ in units]
         self.placeholders: List[List[torch.Tensor]] = [[] for _ in units]     # per slot, made at the first free
+        # Partitioned units holding storage now (gathering or gathered), kept at every transition: the
+        # prefetch checks it per candidate, and a sum over all units there would cost O(units) each time.
+        self.live_numel = 0
+        self.live_bytes = 0
         self.peak_live_bytes = 0           # most bytes of partitioned units gathered at once (memory_report)
 
     def partition(self, i: int) -> None:
@@ -80,6 +84,7 @@ class Residency:
         pin = device.type == "cpu" and u.flat.device.type == "cuda"
         u.shard = torch.empty(src.numel(), dtype=src.dtype, device=device, pin_memory=pin)
         u.shard.copy_(src)
+        self._count_live(i, +1)            # materialized: it holds its full buffer until freed here
         self.free(i)
 
     def reallocate_buffers(self) -> None:
@@ -120,15 +125,12 @@ class Residency:
                     "pass or opt.gathered()), so the write would be lost: change parameters inside "
                     "`with zerocore.gathered_parameters(params, modifier_rank=0):`.")
             u.flat.untyped_storage().resize_(self.nbytes[i])
+            self._count_live(i, +1)
             self._point_at(i, self.views[i])
             # (offload_param on a GPU: a pinned host shard, copied asynchronously on the current stream)
             u.shard_of(u.flat).copy_(u.shard, non_blocking=u.shard.device != u.flat.device)
             src = u.shard if u.shard.device == u.flat.device else None
         self.state[i] = ParamState.GATHERING
-        if not u.persistent:
-            self.peak_live_bytes = max(self.peak_live_bytes, sum(
-                n for n, v, s in zip(self.nbytes, self.units, self.state)
-                if not v.persistent and s is not ParamState.SHARDED))
         self.log.append(i)
         self.pending[i] = self.comm.gather(u.flat, u.shard_numel,
                                            f"unit {i} parameters ({u.numel} elements, {u.flat.dtype}, "
@@ -159,6 +161,7 @@ class Residency:
             self.placeholders[i] = [placeholder(s.shape, u.flat.dtype, u.flat.device) for s in u.slots]
         self._point_at(i, self.placeholders[i])
         u.flat.untyped_storage().resize_(0)
+        self._count_live(i, -1)
         self.state[i] = ParamState.SHARDED
 
     def expected_data_ptr(self, u: Unit, k: int) -> int:
@@ -182,10 +185,10 @@ class Residency:
             if u.persistent:
                 self.start(i)
 
-    def live_numel(self) -> int:
-        """Elements of partitioned units that hold storage now (gathering or gathered)."""
-        return sum(u.numel for u, s in zip(self.units, self.state)
-                   if not u.persistent and s is not ParamState.SHARDED)
+    def _count_live(self, i: int, sign: int) -> None:
+        self.live_numel += sign * self.units[i].numel
+        self.live_bytes += sign * self.nbytes[i]
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
 
     def log_digest(self) -> List[float]:
         """(number of gathers, crc32 of their order) since the last step, exact in float64."""
