@@ -9,6 +9,7 @@ can be compared with the ZeRO formula.
     python bench/bench_zero.py                       # all configs, 3 rounds
     python bench/bench_zero.py --rounds 1 --configs ddp,zero2 --steps 6
     python bench/bench_zero.py --configs ddp,zero2,zero3,zero3_offload   # the stage 3 rows
+    python bench/bench_zero.py --configs ddp,zero2_offload,zero2_nvme,zero3_offload,zero3_nvme   # NVMe rows
     python bench/bench_zero.py --collectives         # per-unit gloo collectives: which strategy is faster
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 
 # Measure the zerocore of this checkout, not whichever copy is pip-installed (spawned ranks inherit sys.path).
@@ -37,7 +39,12 @@ CONFIGS = {
     "zero3_offload": {"stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
     "zero3_no_reshard": {"stage": 3, "reshard_after_forward": False},
     "zero3_prefetch1": {"stage": 3, "prefetch_bucket_size": 1},     # one unit ahead instead of 5e7 elements
+    # NVMe optimizer state (DeepSpeed's defaults: buffer_count 4, sub_group_size 1e9 -> 1/8 of the state each)
+    # under ZEROCORE_BENCH_NVME_PATH (default: the temp folder).
+    "zero2_nvme": {"stage": 2, "offload_optimizer": "nvme"},
+    "zero3_nvme": {"stage": 3, "offload_optimizer": "nvme", "offload_param": "nvme"},
 }
+NVME_PATH = os.environ.get("ZEROCORE_BENCH_NVME_PATH") or tempfile.gettempdir()
 # Without the host block cache (host_block_cache=False: torch's allocator, i.e. glibc, serves every tensor), and
 # with one reduction in flight instead of two.
 for _n in ("zero1", "zero2", "zero2_offload"):
@@ -81,7 +88,8 @@ def _worker(rank, world, port, name, steps, warmup, out):
             opt.step()
     else:
         from zerocore.zero import ZeroOptimizer
-        opt = ZeroOptimizer(model, lr=1e-4, **CONFIGS[name])
+        nvme = {"nvme_path": NVME_PATH} if CONFIGS[name].get("offload_optimizer") == "nvme" else {}
+        opt = ZeroOptimizer(model, lr=1e-4, **CONFIGS[name], **nvme)
 
         def step():
             opt.backward(model(x).square().mean())
@@ -93,6 +101,8 @@ def _worker(rank, world, port, name, steps, warmup, out):
             if not name.startswith("ddp"):
                 opt.wait_for_params()
             dist.barrier()
+            io_before = dict(getattr(opt, "store", None).io_stats) if hasattr(getattr(opt, "store", None),
+                                                                                "io_stats") else None
             start = time.perf_counter()
         # No barrier per step: a ZeRO step's parameter gathers run on into the next forward (which waits for
         # each unit as it needs it). The reported number is the wall time of all timed steps (ending after the
@@ -106,14 +116,46 @@ def _worker(rank, world, port, name, steps, warmup, out):
     total = time.perf_counter() - start
     peak = _rss_mb("VmHWM")
     report = opt.memory_report() if not name.startswith("ddp") else None
+    swap = _swap_numbers(opt, io_before, steps, dist) if io_before is not None else None
     out.put({"rank": rank, "name": name, "idle_mb": idle, "peak_mb": peak, "step_ms": [t * 1e3 for t in times[warmup:]],
              "formula_mb": report["formula"] / 2 ** 20 if report else None,
              "held_mb": report["model_states"] / 2 ** 20 if report else None, "total_s": total,
-             "gathered_peak_mb": report["peak_gathered_params"] / 2 ** 20 if report else 0.0})
+             "gathered_peak_mb": report["peak_gathered_params"] / 2 ** 20 if report else 0.0, "swap": swap})
     out.close()
     out.join_thread()          # flush the result before leaving without interpreter teardown
     dist.barrier()
     os._exit(0)
+
+
+def _swap_numbers(opt, before, steps, dist):
+    """Bytes the NVMe store moved per timed step (state walks and, stage 3, parameter reads), the bandwidth
+    its walks achieved (their bytes over their wall time, compute inside included), beside the AsyncIO
+    engine's own bandwidth for the same bytes measured right after on both ranks at once (same folder, block
+    size and queue depth; write a fresh file, then read it back)."""
+    import torch
+    from zerocore.io import AsyncIO, aligned_empty
+    now = opt.store.io_stats
+    moved = (now["read_bytes"] - before["read_bytes"]) + (now["written_bytes"] - before["written_bytes"])
+    walk_s = now["walk_s"] - before["walk_s"]
+    walked = now["walk_bytes"] - before["walk_bytes"]
+    per_step = (now["written_bytes"] - before["written_bytes"]) // steps
+    buf = aligned_empty(per_step, torch.uint8).fill_(7)
+    path = os.path.join(opt.store.folder.dir, "engine_probe.bin")
+    aio = AsyncIO(block_size=1 << 20, queue_depth=16)
+    dist.barrier()
+    t0 = time.perf_counter()
+    aio.write(buf, path).wait()
+    dist.barrier()
+    t1 = time.perf_counter()
+    aio.read(buf, path).wait()
+    dist.barrier()
+    t2 = time.perf_counter()
+    aio.close()
+    os.remove(path)
+    return {"moved_mb_per_step": moved / steps / 2 ** 20, "swap_gbps": walked / walk_s / 1e9 if walk_s else None,
+            "walk_ms_per_step": walk_s / steps * 1e3,
+            "engine_write_gbps": per_step / (t1 - t0) / 1e9, "engine_read_gbps": per_step / (t2 - t1) / 1e9,
+            "engine_gbps": 2 * per_step / (t2 - t0) / 1e9}
 
 
 def _free_port():
@@ -223,6 +265,33 @@ def run_collectives(reps):
         print(f"| {k} | {v:.0f} |")
 
 
+def _print_swap_table(names, raw, per_round):
+    """NVMe rows: bytes swapped per step, the bandwidth the swapper reached against the engine's own (both
+    ranks at once, same run), and the step time against 1.3 x (swapped / engine bandwidth + the step time of
+    the same configuration with the state in memory, i.e. its *_offload row)."""
+    rows = [n for n in names if raw[n][0][0].get("swap")]
+    if not rows:
+        return
+    print()
+    print("| config | step ms | swapped MB/step/rank | walk ms/step | swap GB/s/rank | engine GB/s/rank | swap / engine "
+          "| in-memory row, ms | target ms (1.3 x (swapped/engine + in-memory)) | step / target |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n in rows:
+        swaps = [r["swap"] for rr in raw[n] for r in rr]
+        med = lambda k: statistics.median(x[k] for x in swaps)  # noqa: E731
+        ms = statistics.median(per_round[n])
+        base = n.replace("_nvme", "_offload")
+        base_ms = statistics.median(per_round[base]) if base in per_round else None
+        moved_s = med("moved_mb_per_step") * 2 ** 20 / (med("engine_gbps") * 1e9)
+        target = 1.3 * (moved_s * 1e3 + base_ms) if base_ms else None
+        print(f"| {n} | {ms:.0f} | {med('moved_mb_per_step'):.0f} | {med('walk_ms_per_step'):.0f} | "
+              f"{med('swap_gbps'):.2f} | {med('engine_gbps'):.2f} | {med('swap_gbps') / med('engine_gbps'):.2f} | "
+              f"{base_ms:.0f} | {target:.0f} | {ms / target:.2f} |" if target else
+              f"| {n} | {ms:.0f} | {med('moved_mb_per_step'):.0f} | {med('walk_ms_per_step'):.0f} | "
+              f"{med('swap_gbps'):.2f} | {med('engine_gbps'):.2f} | {med('swap_gbps') / med('engine_gbps'):.2f} | "
+              "- | - | - |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(DEFAULT), help=f"comma list of {list(CONFIGS)}")
@@ -262,6 +331,7 @@ def main():
         print(f"| {n} | {ms:.0f} | {ratio} | {peak:.0f} | {idle:.0f} | {peak - idle:.0f} | "
               f"{f:.0f} | {fr} | {held:.0f} |" if f else
               f"| {n} | {ms:.0f} | {ratio} | {peak:.0f} | {idle:.0f} | {peak - idle:.0f} | - | - | - |")
+    _print_swap_table(names, raw, per_round)
     if args.json:
         with open(args.json, "w") as fjson:
             json.dump(raw, fjson)

@@ -25,18 +25,35 @@ def test_bad_options_name_the_problem(kwargs, match):
 def test_unknown_and_unavailable_options():
     with pytest.raises(TypeError, match="unknown ZeroOptimizer option"):
         ZeroConfig.from_kwargs(stages=2)
-    with pytest.raises(NotImplementedError, match="nvme"):
+    with pytest.raises(ValueError, match="needs nvme_path"):
         ZeroConfig(offload_optimizer="nvme")
+    with pytest.raises(ValueError, match="buffer_count=0 must be a positive integer"):
+        ZeroConfig(offload_optimizer="nvme", nvme_path="/x", buffer_count=0)
+    with pytest.raises(ValueError, match="sub_group_size=1.5 must be a positive integer"):
+        ZeroConfig(offload_optimizer="nvme", nvme_path="/x", sub_group_size=1.5)
+    with pytest.raises(ValueError, match="offload_param='nvme' needs offload_optimizer='nvme' too"):
+        ZeroConfig(stage=3, offload_param="nvme")
+    with pytest.raises(ValueError, match="needs stage=3"):
+        ZeroConfig(stage=2, offload_param="nvme", offload_optimizer="nvme", nvme_path="/x")
+
+
+def test_nvme_options_from_deepspeed():
+    cfg = ZeroConfig.from_deepspeed({"zero_optimization": {
+        "stage": 3, "sub_group_size": 1e8,
+        "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme", "buffer_count": 6},
+        "offload_param": {"device": "nvme", "nvme_path": "/local_nvme", "buffer_count": 7}}})
+    assert (cfg.offload_optimizer, cfg.nvme_path, cfg.buffer_count, cfg.sub_group_size) == \
+        ("nvme", "/local_nvme", 6, 100_000_000)
+    assert (cfg.offload_param, cfg.param_buffer_count) == ("nvme", 7)
 
 
 def test_messages_point_only_at_what_exists():
-    # No NVMe offload exists yet: the messages must not send users to it.
     with pytest.raises(ValueError) as e:
         ZeroConfig(stage=0)
     assert "use 1 (optimizer state partitioned), 2 (also gradients) or 3 (also parameters)" in str(e.value)
     with pytest.raises(ValueError) as e:
         ZeroConfig(offload_optimizer="gpu")
-    assert "nvme" not in str(e.value) and "None or 'cpu'" in str(e.value)
+    assert "None, 'cpu' or 'nvme'" in str(e.value)
     with pytest.raises(ValueError, match="sync_module_states"):
         ZeroConfig(sync_module_states="yes")
 

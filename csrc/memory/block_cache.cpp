@@ -64,6 +64,9 @@ void* BlockCache::acquire(size_t nbytes, size_t* block_bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cached_.lower_bound(bytes);               // the smallest cached block that fits ...
     if (it != cached_.end() && it->first / 2 <= bytes) {  // ... unless it is more than twice the request
+      // Of the blocks of that size, the one freed last: the others then go unused and start_window() returns
+      // them. (Taking the oldest would rotate through all of them, keeping every block ever cached in use.)
+      it = std::prev(cached_.upper_bound(it->first));
       void* ptr = it->second.ptr;
       const size_t block = it->first;
       note_live(ptr, block);

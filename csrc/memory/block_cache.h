@@ -7,7 +7,7 @@
 // in again each step (+10-40 % step time). This cache keeps freed blocks mapped and hands them back for the
 // next request that fits: no faults in steady state, and large blocks never share a heap with small ones.
 // A request takes the smallest cached block of at least its size and at most twice it (so alternating sizes
-// do not thrash; the unused tail of a block is memory that was in use anyway).
+// do not thrash; the unused tail of a block is memory that was in use anyway), and of those the one freed last.
 //
 // Footprint bound: the cache never maps a new block while the blocks it already holds (in use + cached) would
 // then exceed the most that was ever in use at once during the current or the previous window; it unmaps

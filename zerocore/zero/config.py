@@ -52,8 +52,19 @@ class ZeroConfig:
         (DeepSpeed's stage3_prefetch_bucket_size).
     max_live_parameters: stage 3: at most this many elements gathered at once beyond the persistent ones
         (DeepSpeed's stage3_max_live_parameters); prefetch stops at it.
-    offload_param: stage 3: None or "cpu" (parameter shards in host memory; on a model that lives on the host
-        this is where they already are).
+    offload_param: stage 3: None, "cpu" (parameter shards in host memory; on a model that lives on the host
+        this is where they already are) or "nvme" (with offload_optimizer="nvme": shards read from the NVMe fp32
+        masters before each gather, through param_buffer_count host buffers of one sub-group each).
+    offload_optimizer: None, "cpu" (fp32 masters and Adam state in host memory, the step on the CPU) or "nvme"
+        (the same, but they live in files under nvme_path and pass through buffer_count host buffers of
+        sub_group_size elements each; see [Note: NVMe optimizer state] in swapper.py).
+    nvme_path: offload_optimizer="nvme": an existing, writable folder on a fast disk (may differ per rank).
+    buffer_count: offload_optimizer="nvme": host buffers the step's pipeline reads, updates and writes back
+        (DeepSpeed's offload_optimizer.buffer_count, 4); host memory for the state is at most
+        buffer_count x sub_group_size x 12 bytes.
+    sub_group_size: offload_optimizer="nvme": elements of optimizer state per buffer (DeepSpeed's
+        sub_group_size, 1e9; never more than 1/8 of this rank's state, so reads, the update and writes overlap,
+        nor 2^24).
     loss_scale: fp16 only. None = dynamic (initial 2**initial_scale_power, doubled after loss_scale_window
         clean steps, halved after `hysteresis` consecutive overflows, never below min_loss_scale);
         a number = static scale.
@@ -87,6 +98,9 @@ class ZeroConfig:
     min_loss_scale: float = 1.0
     offload_optimizer: Optional[str] = None
     nvme_path: Optional[str] = None
+    buffer_count: int = 4
+    param_buffer_count: int = 5
+    sub_group_size: int = 1_000_000_000
     comm_timeout_s: float = 1800.0
     max_inflight_reductions: int = 2
     collective_strategy: Optional[str] = None
@@ -121,11 +135,13 @@ class ZeroConfig:
             if int(v) != v or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative number of elements")
             set_(name, int(v))
-        if self.offload_param not in (None, "none", "cpu"):
-            hint = " (NVMe parameter offload is not available in this version)" if self.offload_param == "nvme" else ""
-            raise ValueError(f"offload_param={self.offload_param!r}: use None or 'cpu'{hint}")
+        if self.offload_param not in (None, "none", "cpu", "nvme"):
+            raise ValueError(f"offload_param={self.offload_param!r}: use None, 'cpu' or 'nvme'")
         if self.offload_param == "none":
             set_("offload_param", None)
+        if self.offload_param == "nvme" and self.offload_optimizer != "nvme":
+            raise ValueError("offload_param='nvme' needs offload_optimizer='nvme' too: the parameter shards are read "
+                             "from the fp32 masters the NVMe optimizer state keeps (param_swap.py)")
         if self.offload_param is not None and self.stage != 3:
             raise ValueError(f"offload_param={self.offload_param!r} needs stage=3 (only stage 3 partitions "
                              "parameters); use offload_optimizer='cpu' with stages 1 and 2")
@@ -148,13 +164,18 @@ class ZeroConfig:
             raise ValueError(f"hysteresis={self.hysteresis} and loss_scale_window={self.loss_scale_window} "
                              "must be >= 1")
         _positive("min_loss_scale", self.min_loss_scale)
-        if self.offload_optimizer == "nvme":
-            raise NotImplementedError("offload_optimizer='nvme' is not available in this version: use 'cpu' "
-                                      "(host memory) or None")
-        if self.offload_optimizer not in (None, "none", "cpu"):
-            raise ValueError(f"offload_optimizer={self.offload_optimizer!r}: use None or 'cpu'")
+        if self.offload_optimizer not in (None, "none", "cpu", "nvme"):
+            raise ValueError(f"offload_optimizer={self.offload_optimizer!r}: use None, 'cpu' or 'nvme'")
         if self.offload_optimizer == "none":
             set_("offload_optimizer", None)
+        if self.offload_optimizer == "nvme" and not self.nvme_path:
+            raise ValueError("offload_optimizer='nvme' needs nvme_path=... (an existing, writable folder on a fast "
+                             "disk; DeepSpeed's offload_optimizer.nvme_path)")
+        for name in ("buffer_count", "sub_group_size", "param_buffer_count"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+            set_(name, int(v))
         _positive("comm_timeout_s", self.comm_timeout_s)
         if self.max_inflight_reductions < 1:
             raise ValueError(f"max_inflight_reductions={self.max_inflight_reductions} must be >= 1")
@@ -208,10 +229,16 @@ class ZeroConfig:
         off_param = zero.get("offload_param", {}) or {}
         if off_param.get("device") not in (None, "none"):
             kw["offload_param"] = off_param["device"]
+            if "buffer_count" in off_param:
+                kw["param_buffer_count"] = off_param["buffer_count"]
         off = zero.get("offload_optimizer", {}) or {}
         if off.get("device") not in (None, "none"):
             kw["offload_optimizer"] = off["device"]
             kw["nvme_path"] = off.get("nvme_path")
+            if "buffer_count" in off:
+                kw["buffer_count"] = off["buffer_count"]
+        if "sub_group_size" in zero:
+            kw["sub_group_size"] = zero["sub_group_size"]
         if "gradient_accumulation_steps" in config:
             kw["gradient_accumulation_steps"] = config["gradient_accumulation_steps"]
         if "gradient_clipping" in config:

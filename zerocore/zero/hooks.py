@@ -175,18 +175,32 @@ class ParamHooks:
         return None
 
     def _prefetch(self, order, start: int) -> None:
-        for k in range(start, len(order)):
-            for i in self.units_of[order[k]]:
-                if self.res.state[i] is not ParamState.SHARDED:
-                    continue
-                numel = self.units[i].numel
-                ahead = sum(self.prefetched.values())
-                if ahead and ahead + numel > self.prefetch_numel:
-                    return
-                if self.res.live_numel + numel > self.max_live_numel:
-                    return
-                self.prefetched[i] = numel
-                self.res.start(i)
+        """Gather the next units within the budgets; past them, read ahead the shards of the units after
+        that from NVMe (offload_param="nvme") while buffers last. Every NVMe read (the gathers' own first)
+        is issued before the first gather starts, so the reads overlap each other."""
+        candidates = (i for k in range(start, len(order)) for i in self.units_of[order[k]]
+                      if self.res.state[i] is ParamState.SHARDED)
+        gathers, planned, rest = [], 0, None
+        for i in candidates:
+            if i in gathers:
+                continue
+            numel = self.units[i].numel
+            ahead = sum(self.prefetched.values())
+            if (ahead and ahead + numel > self.prefetch_numel) or \
+                    self.res.live_numel + planned + numel > self.max_live_numel:
+                rest = i
+                break
+            self.prefetched[i] = numel
+            planned += numel
+            gathers.append(i)
+        for i in gathers:
+            self.res.stage_in(i)
+        if rest is not None and self.res.stage_in(rest):
+            for i in candidates:
+                if i not in gathers and not self.res.stage_in(i):
+                    break
+        for i in gathers:
+            self.res.start(i)
 
     # -------------------------------------------------------------------- the engine's schedule interface
     @property

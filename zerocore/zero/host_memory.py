@@ -74,6 +74,13 @@ def end_step() -> None:
     host_cache.start_window()
 
 
+def trim() -> None:
+    """Unmap every cached (free) block: after a one-off phase such as an optimizer's construction, whose
+    temporaries (a ZeroInit model's pieces, full values rebuilt one unit at a time) are not asked for again."""
+    if active():
+        host_cache.empty_cache()
+
+
 def report() -> Optional[Dict[str, int]]:
     """The cache's counters while it is installed, else None."""
     return host_cache.stats() if active() else None

@@ -59,6 +59,27 @@ def storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
     return total
 
 
+def by_location(tensors: Iterable[Optional[torch.Tensor]]) -> dict:
+    """Bytes of the distinct storages behind `tensors` by where they live: device (a GPU), host (pinned
+    included) and pinned (host memory locked for fast GPU copies)."""
+    seen, out = set(), {"device": 0, "host": 0, "pinned": 0}
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if key in seen or st.nbytes() == 0:
+            continue
+        seen.add(key)
+        if t.device.type == "cpu":
+            out["host"] += st.nbytes()
+            if torch.cuda.is_available() and t.is_pinned():
+                out["pinned"] += st.nbytes()
+        else:
+            out["device"] += st.nbytes()
+    return out
+
+
 def formula_bytes(stage: int, mixed: bool, psi: int, world_size: int) -> float:
     """The ZeRO paper's model-state bytes per rank for Adam (see the module docstring)."""
     n = world_size
@@ -80,7 +101,7 @@ def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bo
         "peak_gathered_params": peak_gathered,
         "gradients": storage_bytes(reducer.held_gradient_tensors()),
         "master": storage_bytes([store.master]),
-        "optimizer_state": storage_bytes([store.exp_avg, store.exp_avg_sq]),
+        "optimizer_state": storage_bytes(store.host_state_tensors()),
         "staging": storage_bytes([store.staging]),
         "pooled_buckets": reducer.pool.free_bytes,
         "host_block_cache": host_cache,
@@ -88,9 +109,15 @@ def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bo
         "padding_elements": sum(u.padded_numel - u.numel for u in units),
         "stage": stage, "mixed_precision": mixed, "offload": offload,
         "grad_shard_dtype": str(store.grad_store.dtype) if store.grad_store is not None else None,
+        "state_home": store.home,
     }
+    report.update(store.swap_report())
     report["model_states"] = report["params"] + report["gradients"] + report["master"] + \
         report["optimizer_state"] + report["staging"]
+    report["by_location"] = dict(by_location(
+        [u.flat for u in units] + [u.shard for u in units] + list(reducer.held_gradient_tensors()) +
+        [store.master, store.staging] + store.host_state_tensors() + store.swap_buffers()),
+        nvme=report.get("nvme_bytes", 0))
     report["formula"] = formula_bytes(stage, mixed, psi, world_size)
     report["note"] = ("stage 2 keeps the reduced gradient shard in the reduce dtype when "
                       "gradient_accumulation_steps == 1 and in fp32 when it is > 1; CPU offload of a GPU model "
@@ -104,5 +131,10 @@ def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bo
                       "full (persistent_params); peak_gathered_params: the most bytes of partitioned units gathered at "
                       "once so far (the working set); "
                       "host_block_cache: counters of the process's host block cache while this optimizer "
-                      "uses it (None: torch's allocator), live_bytes including the buffers above")
+                      "uses it (None: torch's allocator), live_bytes including the buffers above; "
+                      "offload_optimizer='nvme': master and optimizer_state are 0 (they live in nvme_path), "
+                      "nvme_buffer_bytes the host buffers they pass through (not in model_states), nvme_bytes "
+                      "the file (two copies of the state, see [Note: NVMe optimizer state]); by_location: "
+                      "the model states and NVMe buffers by where they live (device, host of which pinned, "
+                      "nvme)")
     return report

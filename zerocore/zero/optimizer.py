@@ -41,7 +41,7 @@ from .state_store import StateStore
 from .units import Unit, build_module_units, build_units, materialize
 
 # Options every rank must agree on are all of ZeroConfig's but these (local to a rank by nature).
-_LOCAL_OPTIONS = ("comm_timeout_s", "host_block_cache", "nvme_path")
+_LOCAL_OPTIONS = ("comm_timeout_s", "host_block_cache", "nvme_path", "buffer_count", "param_buffer_count")
 
 
 # How long the exit hook waits for collectives still in flight (the gathers of the last step) before it lets
@@ -72,6 +72,27 @@ def _release_at_exit(ref) -> None:
     opt = ref()
     if opt is not None and not getattr(opt, "_closed", False):
         opt._finish(raise_errors=False)
+
+
+_group_exit_hook = []
+
+
+def _destroy_default_group_at_exit() -> None:
+    """Runs after every optimizer's exit hook ([Note: exit] in collectives.py): a script that never called
+    destroy_process_group() gets it here, while the interpreter still runs, so the backend's worker threads are
+    joined (with the GIL released) before finalization instead of meeting it."""
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - at exit: a group that cannot be destroyed is left to the process's end
+        pass
+
+
+def _register_exit_hooks(opt) -> None:
+    if not _group_exit_hook:           # registered first, so it runs last (atexit runs hooks in reverse)
+        atexit.register(_destroy_default_group_at_exit)
+        _group_exit_hook.append(True)
+    atexit.register(_release_at_exit, weakref.ref(opt))
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -154,12 +175,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ZeroOptimizer: trainable parameters have several dtypes {sorted(map(str, dtypes))}; "
                              "pass dtype=... to cast them to one compute dtype")
         self.device = devices.pop()
-        if cfg.offload_param == "cpu" and self.device.type != "cpu" and cfg.offload_optimizer != "cpu":
+        if cfg.offload_param == "cpu" and self.device.type != "cpu" and cfg.offload_optimizer is None:
             raise ValueError("offload_param='cpu' on a GPU model needs offload_optimizer='cpu' too: the step "
                              "updates the parameter shards where the optimizer state lives")
         self.compute_dtype = cfg.dtype or dtypes.pop()
         self.mixed = self.compute_dtype != torch.float32
-        self.offload = cfg.offload_optimizer == "cpu"
+        self.offload = cfg.offload_optimizer in ("cpu", "nvme")
         self.reduce_dtype = cfg.reduce_dtype or self.compute_dtype
         if cfg.sync_module_states:
             self._broadcast_module_states(model)
@@ -180,13 +201,28 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                      self.device if self.comm.device.type == "cuda" else self.comm.device)
         self.psi = sum(p.numel() for _, p in trainable)
 
-        self.store = StateStore(self.units, device=self.device, compute_dtype=self.compute_dtype,
-                                offload=self.offload, stage=cfg.stage, reduce_dtype=self.reduce_dtype,
-                                accumulation_steps=cfg.gradient_accumulation_steps)
+        store_options = dict(device=self.device, compute_dtype=self.compute_dtype, stage=cfg.stage,
+                             reduce_dtype=self.reduce_dtype, accumulation_steps=cfg.gradient_accumulation_steps)
+        if cfg.offload_optimizer == "nvme":
+            from .swapper import NVMeStateStore
+            self.store: StateStore = NVMeStateStore(self.units, comm=self.comm, nvme_path=cfg.nvme_path,
+                                                    buffer_count=cfg.buffer_count,
+                                                    sub_group_size=cfg.sub_group_size,
+                                                    unit_sized=cfg.offload_param == "nvme", **store_options)
+        else:
+            self.store = StateStore(self.units, offload=self.offload, **store_options)
         self.shard_offsets = self.store.offsets
         if cfg.stage == 3:                     # each rank keeps only its shards
+            nvme_shards = None
+            if cfg.offload_param == "nvme":
+                from .param_swap import NVMeParamShards
+                nvme_shards = NVMeParamShards(self.store, self.units, cfg.param_buffer_count)
             self.residency = Residency(self.units, self.comm,
-                                       torch.device("cpu") if cfg.offload_param == "cpu" else None)
+                                       torch.device("cpu") if cfg.offload_param == "cpu" else None, nvme_shards)
+        # From here on the engine's and autograd's large host tensors come from the block cache (host_memory.py):
+        # the unit buffers made below, and the full values a ZeroInit model's units are rebuilt into one at a
+        # time, which glibc's heap would keep as holes (~0.7 GB per rank for a 380M-param bf16 model).
+        self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
         in_unit = {id(s.param) for u in self.units for s in u.slots}
         for _, p in named_all:                 # ZeroInit's pieces of parameters no unit takes (frozen ones)
             if id(p) not in in_unit:
@@ -198,16 +234,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
             materialize(u, self.compute_dtype, self.device)
             if cfg.stage == 3:
                 self.residency.partition(u.index)
+        self.store.finish_init()
         if cfg.dtype is not None:
             for _, p in named_all:
                 if not p.requires_grad and p.is_floating_point():
                     p.data = p.data.to(cfg.dtype)
 
-        # From here on the engine's and autograd's large host tensors come from the block cache (host_memory.py).
-        self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
-        if self._uses_host_cache and cfg.stage == 3:
-            self.residency.reallocate_buffers()
 
+        if self._uses_host_cache:
+            host_memory.trim()                 # construction's temporaries are gone: do not keep their blocks
         try:
             self.store.allocate_grad_store()   # after the block cache took over: it serves this buffer too
             self.reducer = GradReducer(self.units, self.comm, stage=cfg.stage, grad_dtype=self.compute_dtype,
@@ -249,7 +284,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.schedule = GatherSchedule(model, self.units, self.comm, cfg.overlap_comm)
             # If the program ends without close(), drop the hooks and the group before interpreter shutdown
             # starts (see [Note: teardown] in collectives.py); a weak reference, so this keeps nothing alive.
-            atexit.register(_release_at_exit, weakref.ref(self))
+            _register_exit_hooks(self)
         except BaseException:
             # A half-built optimizer must not leave hooks on the model or hold the process-wide cache.
             if hasattr(self, "reducer"):
@@ -259,6 +294,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if hasattr(self, "schedule"):
                 self.schedule.remove_hooks()
             self._leave_host_cache()
+            self.store.close()
             raise
         self._constructed = True
         self._closed = False
@@ -364,16 +400,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "and change values with zerocore.gathered_parameters(..., modifier_rank=...).")
         if moved:
             self.wait_for_params()          # the buffers are complete before they are compared or written
+            separate_master = self.master is not None or self.store.home == "nvme"
             for u, s in moved:
-                if self.master is None or not s.owned_numel:
+                if not separate_master or not s.owned_numel:
                     Bindings.rebind(u, s, adopt_values=at_step)
                     continue
-                off = self.shard_offsets[u.index] + s.shard_pos
                 before = u.flat[s.offset + s.own_start:s.offset + s.own_end].clone()
                 if Bindings.rebind(u, s, adopt_values=at_step):
                     now = s.param.detach().reshape(-1)[s.own_start:s.own_end]
-                    changed = now != before          # only adopted values reach the fp32 master
-                    self.master[off:off + s.owned_numel][changed] = now[changed].float()
+                    # only adopted values reach the fp32 master
+                    self.store.set_masters([(u, s.shard_pos, now, now != before)])
         self.reducer.rebind_grads()
 
     # ------------------------------------------------------------------------------ state (views of the parts)
@@ -476,6 +512,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reducer.inflight.clear()
         self.reducer.pool.clear()
         self.comm.close()
+        self.store.close()
         self._leave_host_cache()
         self._closed = True
 
@@ -618,7 +655,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                              "(load_state_dict changed nothing):\n  " + "\n  ".join(lines))
         self.wait_for_params()
         self._drop_gathered()
-        sd_format.write(sources, self.units, self.store, self.param_steps)
+        self.param_steps[:] = sd_format.write(sources, self.units, self.store)
         for g, sg in zip(self.param_groups, sources[0]["param_groups"]):
             g.update({k: (tuple(v) if k == "betas" else v) for k, v in sg.items()
                       if k not in ("param_names", "params")})
@@ -770,9 +807,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             new = u.shard_of(u.flat)
             if u.shard is not None:
                 u.shard.copy_(new)
-            if self.master is not None:
-                off = self.shard_offsets[i]
-                self.master[off:off + u.shard_numel].copy_(new)
+            self.store.set_masters([(u, 0, new, None)], agree=True)     # every rank adopts the same units
         if self.config.stage == 3:                 # the persistent units: every rank's slice again
             self.residency.refresh_persistent()
         else:

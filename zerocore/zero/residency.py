@@ -17,6 +17,9 @@ storage is resized rather than replaced, the views autograd saved in forward (e.
 gathered values again, and a parameter autograd saved itself is the same tensor object whose data is swapped
 back: that is what lets backward re-gather a unit freed after forward.
 
+With offload_param="nvme" a partitioned unit has no shard in memory: start() reads it from its NVMe masters
+([Note: NVMe parameters] in param_swap.py).
+
 Persistent units (small parameters in stage 3; every unit of stages 1 and 2) are never freed: their shard is
 a view of the flat buffer, which is updated in place by the step and refreshed by a gather after it.
 
@@ -56,8 +59,10 @@ class ParamState(enum.Enum):
 class Residency:
     """The per-unit parameter state machine of stage 3 (see [Note: residency])."""
 
-    def __init__(self, units: List[Unit], comm, shard_device: Optional[torch.device] = None):
+    def __init__(self, units: List[Unit], comm, shard_device: Optional[torch.device] = None, nvme_shards=None):
         self.units, self.comm, self.shard_device = units, comm, shard_device
+        # offload_param="nvme": partitioned units keep no shard here; it is read from NVMe (param_swap.py).
+        self.nvme_shards = nvme_shards
         self.state = [ParamState.GATHERED] * len(units)
         self.pending: Dict[int, object] = {}
         self.log: List[int] = []           # gathers issued since the last step, in order
@@ -79,6 +84,10 @@ class Residency:
         self.views[i] = [u.flat[s.offset:s.offset + s.numel].view(s.shape) for s in u.slots]
         if u.persistent:
             return
+        if self.nvme_shards is not None:       # its values are its NVMe masters' ([Note: NVMe parameters])
+            self._count_live(i, +1)
+            self.free(i)
+            return
         src = u.shard_of(u.flat)
         device = self.shard_device or u.flat.device
         pin = device.type == "cpu" and u.flat.device.type == "cuda"
@@ -86,19 +95,6 @@ class Residency:
         u.shard.copy_(src)
         self._count_live(i, +1)            # materialized: it holds its full buffer until freed here
         self.free(i)
-
-    def reallocate_buffers(self) -> None:
-        """Give every sharded unit a new (empty) flat buffer from the allocator current now.
-
-        Why: a storage is always resized by the allocator it was created with. The flat buffers are created
-        before the host block cache is installed (host_memory.py); resized by torch's allocator, every
-        gather would fault a fresh unit-sized mapping in page by page (~8k faults per 32 MiB unit)."""
-        for i, u in enumerate(self.units):
-            if not u.persistent:
-                self._expect(i, ParamState.SHARDED)
-                u.flat = torch.empty(u.padded_numel, dtype=u.flat.dtype, device=u.flat.device)
-                self.views[i] = [u.flat[s.offset:s.offset + s.numel].view(s.shape) for s in u.slots]
-                u.flat.untyped_storage().resize_(0)
 
     def _point_at(self, i: int, tensors) -> None:
         for s, t in zip(self.units[i].slots, tensors):
@@ -124,12 +120,18 @@ class Residency:
                     f"zerocore: stage 3 parameter(s) {written[:3]} were written while partitioned (outside a forward "
                     "pass or opt.gathered()), so the write would be lost: change parameters inside "
                     "`with zerocore.gathered_parameters(params, modifier_rank=0):`.")
+            if self.nvme_shards is not None:   # read (and checked) first: a failed read changes nothing here
+                self.nvme_shards.ready(i)
             u.flat.untyped_storage().resize_(self.nbytes[i])
             self._count_live(i, +1)
             self._point_at(i, self.views[i])
-            # (offload_param on a GPU: a pinned host shard, copied asynchronously on the current stream)
-            u.shard_of(u.flat).copy_(u.shard, non_blocking=u.shard.device != u.flat.device)
-            src = u.shard if u.shard.device == u.flat.device else None
+            if self.nvme_shards is not None:
+                self.nvme_shards.copy_into(i, u.shard_of(u.flat))
+                src = None
+            else:
+                # (offload_param on a GPU: a pinned host shard, copied asynchronously on the current stream)
+                u.shard_of(u.flat).copy_(u.shard, non_blocking=u.shard.device != u.flat.device)
+                src = u.shard if u.shard.device == u.flat.device else None
         self.state[i] = ParamState.GATHERING
         self.log.append(i)
         self.pending[i] = self.comm.gather(u.flat, u.shard_numel,
@@ -163,6 +165,13 @@ class Residency:
         u.flat.untyped_storage().resize_(0)
         self._count_live(i, -1)
         self.state[i] = ParamState.SHARDED
+
+    def stage_in(self, i: int) -> bool:
+        """Start reading a sharded unit's shard from NVMe ahead of its gather; False when nothing more can be
+        read ahead now (no buffer free, or the shards are in memory anyway)."""
+        if self.nvme_shards is None or self.units[i].persistent:
+            return False
+        return self.state[i] is not ParamState.SHARDED or self.nvme_shards.stage_in(i)
 
     def expected_data_ptr(self, u: Unit, k: int) -> int:
         """Where slot k's parameter data should point now (bindings.py checks it)."""

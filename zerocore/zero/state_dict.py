@@ -111,14 +111,19 @@ def build(units, store, param_steps: List[int], param_groups: List[dict], header
     """This rank's state dict: per parameter its full shape, the [start, end) of the flattened parameter this
     rank owns, and for that range its fp32 master, exp_avg, exp_avg_sq and step count (host tensors)."""
     params = {}
-    for u, off in zip(units, store.offsets):
+    for u in units:
         for s in u.slots:
-            lo, n = off + s.shard_pos, s.owned_numel
             params[s.name] = {"shape": tuple(s.shape), "start": s.own_start, "end": s.own_end,
-                              "step": param_steps[s.index],
-                              "master": store.master_of(u, s.shard_pos, s.shard_pos + n).float().clone().cpu(),
-                              "exp_avg": store.exp_avg[lo:lo + n].clone().cpu(),
-                              "exp_avg_sq": store.exp_avg_sq[lo:lo + n].clone().cpu()}
+                              "step": param_steps[s.index]}
+            for key in STATE_KEYS:
+                params[s.name][key] = torch.empty(s.owned_numel, dtype=torch.float32)
+    with store.read() as windows:
+        for w in windows:
+            for s, u, a, b, ulo, wlo in _owned_parts(units, store, w):
+                e, n = params[s.name], b - a
+                e["master"][a:b].copy_(store.master_values(w, u, ulo, ulo + n))
+                e["exp_avg"][a:b].copy_(w.exp_avg[wlo:wlo + n])
+                e["exp_avg_sq"][a:b].copy_(w.exp_avg_sq[wlo:wlo + n])
     groups = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
     out = {"format": FORMAT, "world_size": header["world_size"], "rank": header["rank"], "stage": header["stage"],
            "params": params, "param_groups": groups}
@@ -126,23 +131,45 @@ def build(units, store, param_steps: List[int], param_groups: List[dict], header
     return out
 
 
+def _owned_parts(units, store, w):
+    """Every owned slot's part inside window w: (slot, unit, [a, b) of the slot's owned range, the part's
+    position in the unit's shard, and in the window)."""
+    for u in units:
+        off = store.offsets[u.index]
+        for s in u.owned_slots():
+            lo = off + s.shard_pos
+            cut = w.clip(lo, lo + s.owned_numel)
+            if cut is not None:
+                yield s, u, cut[0] - lo, cut[1] - lo, cut[0] - off, cut[0] - w.start
+
+
 @torch.no_grad()
-def write(sources: Sequence[dict], units, store, param_steps: List[int]) -> None:
-    """Copy validated sources (validate() found nothing) into this rank's ranges: masters, Adam state, steps,
-    and the parameters' own shards (gathered by the caller afterwards)."""
-    for u, off in zip(units, store.offsets):
+def write(sources: Sequence[dict], units, store) -> List[int]:
+    """Copy validated sources (validate() found nothing) into this rank's ranges: masters, Adam state and the
+    parameters' own shards (gathered by the caller afterwards); returns every parameter's step count."""
+    steps = {}
+    for u in units:
         for s in u.slots:
-            entries = [e for e in (sd["params"].get(s.name) for sd in sources) if e is not None]
-            param_steps[s.index] = int(entries[0]["step"])
-            for e in entries:
-                a, b = max(s.own_start, e["start"]), min(s.own_end, e["end"])
-                if a >= b:
-                    continue
-                pos = s.shard_pos + (a - s.own_start)
-                dst = slice(off + pos, off + pos + b - a)
-                src = slice(a - e["start"], b - e["start"])
-                if store.master is not None:
-                    store.master[dst].copy_(e["master"][src])
-                store.exp_avg[dst].copy_(e["exp_avg"][src])
-                store.exp_avg_sq[dst].copy_(e["exp_avg_sq"][src])
-                u.local_shard()[pos:pos + b - a].copy_(e["master"][src])
+            steps[s.index] = int(next(e for e in (sd["params"].get(s.name) for sd in sources)
+                                      if e is not None)["step"])
+    with store.update() as windows:
+        for w in windows:
+            for s, u, a, b, ulo, wlo in _owned_parts(units, store, w):
+                for e in (sd["params"].get(s.name) for sd in sources):
+                    if e is None:
+                        continue
+                    ea, eb = max(s.own_start + a, e["start"]), min(s.own_start + b, e["end"])
+                    if ea >= eb:
+                        continue
+                    skip = ea - s.own_start - a                  # where ea lies in this part
+                    src, dst = slice(ea - e["start"], eb - e["start"]), slice(wlo + skip, wlo + skip + eb - ea)
+                    if w.master is not None:
+                        w.master[dst].copy_(e["master"][src])
+                    w.exp_avg[dst].copy_(e["exp_avg"][src])
+                    w.exp_avg_sq[dst].copy_(e["exp_avg_sq"][src])
+                    shard = store.param_shard(u)          # (None: the master just written is the shard)
+                    if shard is not None:
+                        shard[ulo + skip:ulo + skip + eb - ea].copy_(e["master"][src])
+    return [steps[i] for i in range(len(steps))]
+
+

@@ -24,10 +24,18 @@ from .state_store import StateStore
 from .units import Unit
 
 
+# Low-precision gradients are normed in pieces of this many elements: vector_norm(dtype=float32) converts its
+# whole input to fp32 first, which for a bf16 gradient store is a temporary twice its size.
+NORM_CHUNK = 1 << 22
+
+
 def squared_norm(store: StateStore, shards: List[torch.Tensor]) -> torch.Tensor:
     """This rank's squared gradient norm over its reduced shards (fp32 accumulation)."""
     if store.grad_store is not None:
-        return torch.linalg.vector_norm(store.grad_store, dtype=torch.float32).square()
+        g = store.grad_store
+        if g.dtype == torch.float32:
+            return torch.linalg.vector_norm(g).square()
+        shards = list(g.split(NORM_CHUNK))
     return torch.stack([torch.linalg.vector_norm(s, dtype=torch.float32) for s in shards]).square().sum()
 
 
@@ -67,35 +75,50 @@ def segments(u: Unit, got: List[bool], param_steps: List[int]) -> Iterator[Tuple
 
 def adam_update(units: List[Unit], store: StateStore, param_groups: List[dict], shards: List[torch.Tensor],
                 got: List[bool], param_steps: List[int], grad_scale: float, *, adamw: bool, mixed: bool) -> None:
-    """Fused Adam over every owned run that got a gradient; updated values end up in the parameters' shards."""
-    state_device = store.exp_avg.device
-    scale_t = torch.tensor([grad_scale], dtype=torch.float32, device=state_device)
-    found_inf = torch.zeros(1, dtype=torch.float32, device=state_device)
-    for gi, group in enumerate(param_groups):
-        calls = defaultdict(lambda: ([], [], [], [], [], []))    # step -> lists; last: (unit, lo, hi)
-        for u in units:
-            if u.group != gi:
-                continue
-            off = store.offsets[u.index]
-            for lo, hi, step in segments(u, got, param_steps):
-                lst = calls[step]
-                lst[0].append(store.master_of(u, lo, hi))
-                lst[1].append(store.exp_avg[off + lo:off + hi])
-                lst[2].append(store.exp_avg_sq[off + lo:off + hi])
-                lst[3].append(shards[u.index][lo:hi])
-                if mixed:
-                    lst[4].append(store.staging[off + lo:off + hi] if store.staging is not None
-                                  else u.local_shard()[lo:hi])
-                lst[5].append((u, lo, hi))
+    """Fused Adam over every owned run that got a gradient, one state window at a time ([Note: state windows]
+    in state_store.py: one window in memory, sub-groups on NVMe); updated values end up in the parameters'
+    shards. On NVMe the update commits on every rank or raises on all (swapper.py)."""
+    runs = [(u, lo, hi, step) for u in units for lo, hi, step in segments(u, got, param_steps)]
+    spans = [(store.offsets[u.index] + lo, store.offsets[u.index] + hi) for u, lo, hi, _ in runs]
+    scale_t = torch.tensor([grad_scale], dtype=torch.float32, device=store.device)
+    found_inf = torch.zeros(1, dtype=torch.float32, device=store.device)
+    with store.update(store.windows_meeting(spans)) as windows:
+        for w in windows:
+            _adam_window(w, runs, spans, store, param_groups, shards, scale_t, found_inf, adamw=adamw, mixed=mixed)
+
+
+def _adam_window(w, runs, spans, store: StateStore, param_groups, shards, scale_t, found_inf, *, adamw: bool,
+                 mixed: bool) -> None:
+    """The Adam calls for the parts of `runs` inside window w: one per (param group, step count, whether the
+    low-precision parameters are written in the same pass)."""
+    calls = defaultdict(lambda: ([], [], [], [], [], []))    # key -> lists; last: (unit, lo, hi)
+    for (u, ulo, _, step), (lo, hi) in zip(runs, spans):
+        cut = w.clip(lo, hi)
+        if cut is None:
+            continue
+        a, b = cut[0] - lo + ulo, cut[1] - lo + ulo              # the cut in unit-shard coordinates
+        wa, wb = cut[0] - w.start, cut[1] - w.start              # ... and in window coordinates
+        shard = store.param_shard(u)                             # None: the master is the parameter shard
+        writes_params = mixed and shard is not None
+        lst = calls[(u.group, step, writes_params)]
+        lst[0].append(store.master_values(w, u, a, b))
+        lst[1].append(w.exp_avg[wa:wb])
+        lst[2].append(w.exp_avg_sq[wa:wb])
+        lst[3].append(shards[u.index][a:b])
+        if writes_params:
+            lst[4].append(store.staging[cut[0]:cut[1]] if store.staging is not None else shard[a:b])
+        lst[5].append((shard, a, b))
+    for (gi, step, writes_params), (ps, ms, vs, gs, outs, where) in sorted(calls.items(), key=lambda kv: kv[0]):
+        group = param_groups[gi]
         beta1, beta2 = group["betas"]
-        for step, (ps, ms, vs, gs, outs, where) in sorted(calls.items()):
-            adam_ops.adam_step(ps, ms, vs, gs, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                               weight_decay=group["weight_decay"], step=step + 1, adamw=adamw,
-                               params_out=outs, grad_scale=scale_t, found_inf=found_inf, check_finite=False)
-            # Where the updated values do not land in the parameters directly, copy them there.
-            if store.master is not None and not mixed:
-                for (u, lo, hi), p in zip(where, ps):
-                    u.local_shard()[lo:hi].copy_(p)
-            elif store.staging is not None:
-                for (u, lo, hi), o in zip(where, outs):
-                    u.local_shard()[lo:hi].copy_(o, non_blocking=True)
+        adam_ops.adam_step(ps, ms, vs, gs, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"], step=step + 1, adamw=adamw,
+                           params_out=outs, grad_scale=scale_t, found_inf=found_inf, check_finite=False)
+        # Where the updated values do not land in the parameters directly, copy them there.
+        if w.master is not None and not mixed:
+            for (shard, a, b), p in zip(where, ps):
+                if shard is not None:
+                    shard[a:b].copy_(p)
+        elif writes_params and store.staging is not None:
+            for (shard, a, b), o in zip(where, outs):
+                shard[a:b].copy_(o, non_blocking=True)
