@@ -39,7 +39,7 @@ CONFIGS = {
     "zero3_offload": {"stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
     "zero3_no_reshard": {"stage": 3, "reshard_after_forward": False},
     "zero3_prefetch1": {"stage": 3, "prefetch_bucket_size": 1},     # one unit ahead instead of 5e7 elements
-    # NVMe optimizer state (DeepSpeed's defaults: buffer_count 4, sub_group_size 1e9 -> 1/8 of the state each)
+    # NVMe optimizer state (DeepSpeed's defaults: buffer_count 4, sub_group_size 1e9 -> 1/16 of the state each)
     # under ZEROCORE_BENCH_NVME_PATH (default: the temp folder).
     "zero2_nvme": {"stage": 2, "offload_optimizer": "nvme"},
     "zero3_nvme": {"stage": 3, "offload_optimizer": "nvme", "offload_param": "nvme"},
@@ -117,6 +117,8 @@ def _worker(rank, world, port, name, steps, warmup, out):
     peak = _rss_mb("VmHWM")
     report = opt.memory_report() if not name.startswith("ddp") else None
     swap = _swap_numbers(opt, io_before, steps, dist) if io_before is not None else None
+    if not name.startswith("ddp"):
+        opt.close()            # (removes NVMe files; the process ends with os._exit, without exit hooks)
     out.put({"rank": rank, "name": name, "idle_mb": idle, "peak_mb": peak, "step_ms": [t * 1e3 for t in times[warmup:]],
              "formula_mb": report["formula"] / 2 ** 20 if report else None,
              "held_mb": report["model_states"] / 2 ** 20 if report else None, "total_s": total,

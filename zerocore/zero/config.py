@@ -63,8 +63,8 @@ class ZeroConfig:
         (DeepSpeed's offload_optimizer.buffer_count, 4); host memory for the state is at most
         buffer_count x sub_group_size x 12 bytes.
     sub_group_size: offload_optimizer="nvme": elements of optimizer state per buffer (DeepSpeed's
-        sub_group_size, 1e9; never more than 1/8 of this rank's state, so reads, the update and writes overlap,
-        nor 2^24).
+        sub_group_size, 1e9; never so large that the buffers would hold more than a quarter of this rank's
+        state, so reads, the update and writes overlap; nor more than 2^24).
     loss_scale: fp16 only. None = dynamic (initial 2**initial_scale_power, doubled after loss_scale_window
         clean steps, halved after `hysteresis` consecutive overflows, never below min_loss_scale);
         a number = static scale.

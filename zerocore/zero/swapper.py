@@ -2,8 +2,8 @@
 
 [Note: NVMe optimizer state]
 The state (master, exp_avg, exp_avg_sq: 12 bytes per element of this rank's shards) is cut into sub-groups of
-`sub_group_size` elements (rounded up to 1024; at most 1/8 of the state, so that even DeepSpeed's default of
-1e9 leaves the pipeline something to overlap, and at most 2^24). Each sub-group has two extents in
+`sub_group_size` elements (rounded up to 1024; small enough that the buffers hold at most a quarter of the
+state, so that even DeepSpeed's default of 1e9 leaves the pipeline something to overlap, and at most 2^24). Each sub-group has two extents in
 one preallocated file (swap_files.py), slot 0 and slot 1, each holding master, m and v back to back; one of them
 is the committed copy. An update (the step, a load) walks its sub-groups through `buffer_count` aligned host
 buffers: it reads sub-group i+1 (and further, as buffers allow) while the body works on i, and writes i-1
@@ -57,17 +57,17 @@ class NVMeStateError(RuntimeError):
         self.ranks = ranks
 
 
-# A state that fits in fewer sub-groups is cut into this many anyway: with one sub-group nothing overlaps.
-MIN_SUB_GROUPS = 8
-# ... and never into sub-groups larger than this (201 MB of host buffer each), whatever sub_group_size allows
-# (DeepSpeed's default 1e9 would otherwise keep half the state of a large model in the buffers).
+# The buffers hold at most this share of the state, whatever sub_group_size allows: with DeepSpeed's default
+# of 1e9 a state of fewer elements would otherwise be one sub-group (nothing to overlap, all of it in memory).
+MAX_BUFFERED_SHARE = 4
+# ... and a sub-group is never larger than this (201 MB of host buffer).
 MAX_SUB_GROUP = 1 << 24
 
 
-def sub_group_elements(total: int, sub_group_size: int) -> int:
+def sub_group_elements(total: int, sub_group_size: int, buffer_count: int = 4) -> int:
     """Elements per sub-group (and per host buffer tensor) for `total` elements of state: sub_group_size, but
-    at most 1/MIN_SUB_GROUPS of the state and MAX_SUB_GROUP, rounded up to ELEMENT_ALIGN."""
-    n = min(-(-max(total, 1) // MIN_SUB_GROUPS), sub_group_size, MAX_SUB_GROUP)
+    at most total / (MAX_BUFFERED_SHARE x buffer_count) and MAX_SUB_GROUP, rounded up to ELEMENT_ALIGN."""
+    n = min(-(-max(total, 1) // (MAX_BUFFERED_SHARE * buffer_count)), sub_group_size, MAX_SUB_GROUP)
     return -(-n // ELEMENT_ALIGN) * ELEMENT_ALIGN
 
 
@@ -101,7 +101,7 @@ class NVMeStateStore(StateStore):
         total = sum(u.shard_numel for u in units)
         if unit_sized:
             sub_group_size = min(sub_group_size, max([u.shard_numel for u in units if not u.persistent], default=total))
-        self._sub = sub_group_elements(total, sub_group_size)
+        self._sub = sub_group_elements(total, sub_group_size, buffer_count)
         super().__init__(units, offload=True, **kwargs)
         self.comm = comm
         self._ranges = pack_windows([u.shard_numel for u in units], self._sub)
