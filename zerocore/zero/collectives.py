@@ -38,8 +38,9 @@ active exception"):
     launch, and `settle()` (close(), the exit hook) waits for in-flight collectives and then for the backend.
 So the process exits cleanly whether or not the script calls close() or destroy_process_group(). As a last
 line of defence (an abort was still seen about once in a few hundred CI jobs under load, cause not pinned down),
-the exit hook that runs after every optimizer's also calls destroy_process_group() when the script did not, so
-gloo's worker threads are joined while the interpreter still runs rather than meeting its finalization.
+an exit hook registered when zerocore is imported (so it runs after every optimizer's and the script's own)
+calls destroy_process_group() when the script did not, so gloo's worker threads are joined while the
+interpreter still runs rather than meeting its finalization.
 
 [Note: peer failure]
 A collective that fails before its timeout was not a timeout: usually a peer closed its connection (it raised

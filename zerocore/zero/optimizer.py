@@ -74,9 +74,6 @@ def _release_at_exit(ref) -> None:
         opt._finish(raise_errors=False)
 
 
-_group_exit_hook = []
-
-
 def _destroy_default_group_at_exit() -> None:
     """Runs after every optimizer's exit hook ([Note: exit] in collectives.py): a script that never called
     destroy_process_group() gets it here, while the interpreter still runs, so the backend's worker threads are
@@ -88,10 +85,12 @@ def _destroy_default_group_at_exit() -> None:
         pass
 
 
+# Registered when zerocore is imported, so it runs after the exit hooks of everything registered later (atexit
+# runs hooks in reverse): every optimizer's, and a script's own (e.g. atexit.register(dist.destroy_process_group)).
+atexit.register(_destroy_default_group_at_exit)
+
+
 def _register_exit_hooks(opt) -> None:
-    if not _group_exit_hook:           # registered first, so it runs last (atexit runs hooks in reverse)
-        atexit.register(_destroy_default_group_at_exit)
-        _group_exit_hook.append(True)
     atexit.register(_release_at_exit, weakref.ref(opt))
 
 
@@ -802,12 +801,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                    for i in chosen]
         for p in pending:
             p.wait()
+        # One commit for all of them (every rank adopts the same units), then the in-memory shards.
+        self.store.set_masters([(self.units[i], 0, self.units[i].shard_of(self.units[i].flat), None)
+                                for i in chosen], agree=True)
         for i in chosen:
             u = self.units[i]
-            new = u.shard_of(u.flat)
             if u.shard is not None:
-                u.shard.copy_(new)
-            self.store.set_masters([(u, 0, new, None)], agree=True)     # every rank adopts the same units
+                u.shard.copy_(u.shard_of(u.flat))
         if self.config.stage == 3:                 # the persistent units: every rank's slice again
             self.residency.refresh_persistent()
         else:

@@ -67,6 +67,8 @@ class NVMeParamShards:
             entry = self.staged[i]
         gen, parts, handle = entry
         s = self.store
+        if handle is None:
+            return                             # read and checked already (a start() that failed after ready())
         try:
             handle.wait()
             for w, buf in parts:

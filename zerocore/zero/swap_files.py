@@ -128,7 +128,11 @@ class SwapFolder:
             folder = os.path.join(rank_dir, name)
             if not name.startswith(("run-", "tmp-")) or os.path.islink(folder) or not os.path.isdir(folder):
                 continue
-            if name.startswith("tmp-") and time.time() - os.lstat(folder).st_mtime < STALE_TMP_S:
+            try:
+                young = name.startswith("tmp-") and time.time() - os.lstat(folder).st_mtime < STALE_TMP_S
+            except FileNotFoundError:
+                continue               # another rank removed it just now
+            if young:
                 continue               # (a run may be making it just now, before it took its lock)
             try:
                 fd = os.open(os.path.join(folder, "lock"), os.O_RDONLY | os.O_NOFOLLOW)
