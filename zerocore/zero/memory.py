@@ -45,9 +45,9 @@ def host_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
 _warned_fallback = False
 
 
-def storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
-    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
-    seen, total = set(), 0
+def _distinct_storages(tensors: Iterable[Optional[torch.Tensor]]):
+    """(a tensor, its storage's bytes) once per distinct non-empty storage behind `tensors`."""
+    seen = set()
     for t in tensors:
         if t is None:
             continue
@@ -55,28 +55,25 @@ def storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
         key = (st.data_ptr(), st.nbytes())
         if key not in seen and st.nbytes() > 0:
             seen.add(key)
-            total += st.nbytes()
-    return total
+            yield t, st.nbytes()
+
+
+def storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
+    return sum(n for _, n in _distinct_storages(tensors))
 
 
 def by_location(tensors: Iterable[Optional[torch.Tensor]]) -> dict:
     """Bytes of the distinct storages behind `tensors` by where they live: device (a GPU), host (pinned
     included) and pinned (host memory locked for fast GPU copies)."""
-    seen, out = set(), {"device": 0, "host": 0, "pinned": 0}
-    for t in tensors:
-        if t is None:
-            continue
-        st = t.untyped_storage()
-        key = (st.data_ptr(), st.nbytes())
-        if key in seen or st.nbytes() == 0:
-            continue
-        seen.add(key)
+    out = {"device": 0, "host": 0, "pinned": 0}
+    for t, n in _distinct_storages(tensors):
         if t.device.type == "cpu":
-            out["host"] += st.nbytes()
+            out["host"] += n
             if torch.cuda.is_available() and t.is_pinned():
-                out["pinned"] += st.nbytes()
+                out["pinned"] += n
         else:
-            out["device"] += st.nbytes()
+            out["device"] += n
     return out
 
 

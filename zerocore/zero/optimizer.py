@@ -90,9 +90,6 @@ def _destroy_default_group_at_exit() -> None:
 atexit.register(_destroy_default_group_at_exit)
 
 
-def _register_exit_hooks(opt) -> None:
-    atexit.register(_release_at_exit, weakref.ref(opt))
-
 
 class ZeroOptimizer(torch.optim.Optimizer):
     """ZeRO Adam(W): optimizer state (stage 1), gradients (stage 2) and parameters (stage 3) partitioned.
@@ -283,7 +280,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.schedule = GatherSchedule(model, self.units, self.comm, cfg.overlap_comm)
             # If the program ends without close(), drop the hooks and the group before interpreter shutdown
             # starts (see [Note: teardown] in collectives.py); a weak reference, so this keeps nothing alive.
-            _register_exit_hooks(self)
+            atexit.register(_release_at_exit, weakref.ref(self))
         except BaseException:
             # A half-built optimizer must not leave hooks on the model or hold the process-wide cache.
             if hasattr(self, "reducer"):
@@ -399,9 +396,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "and change values with zerocore.gathered_parameters(..., modifier_rank=...).")
         if moved:
             self.wait_for_params()          # the buffers are complete before they are compared or written
-            separate_master = self.master is not None or self.store.home == "nvme"
             for u, s in moved:
-                if not separate_master or not s.owned_numel:
+                if not self.store.separate_masters or not s.owned_numel:
                     Bindings.rebind(u, s, adopt_values=at_step)
                     continue
                 before = u.flat[s.offset + s.own_start:s.offset + s.own_end].clone()

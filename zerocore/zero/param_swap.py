@@ -34,7 +34,6 @@ class NVMeParamShards:
         self.staged: Dict[int, Tuple[int, List[Tuple[int, torch.Tensor]], object]] = {}  # unit -> (gen, parts, io)
         # Shards found read ahead at their gather, read on demand, and read ahead but stale by then.
         self.stats = {"ahead": 0, "on_demand": 0, "stale": 0}
-        store.param_units = set(self.windows_of)
         store.param_reader = self
 
     def stage_in(self, i: int) -> bool:

@@ -146,6 +146,11 @@ class StateStore:
         nothing can fail)."""
         yield iter([self._whole()] if indices is None or len(indices) else [])
 
+    @property
+    def separate_masters(self) -> bool:
+        """Whether fp32 masters are kept apart from the parameters (else fp32 parameters are their masters)."""
+        return self.master is not None
+
     def param_shard(self, u: Unit) -> Optional[torch.Tensor]:
         """This rank's shard of unit u's parameters in memory, which the step and a load write; None where the
         shard is its master (stage 3 parameters on NVMe, swapper.py)."""

@@ -37,6 +37,7 @@ import torch
 from zerocore.io import AIOError, AsyncIO, ChecksumError, aligned_empty
 from zerocore.io._native import lib as _io_lib
 
+from .memory import storage_bytes
 from .state_store import StateStore, Window, units_in
 from .swap_files import SwapFolder, SwapFolderError
 
@@ -108,13 +109,13 @@ class NVMeStateStore(StateStore):
         self.num_windows = len(self._ranges)
         self._extent_bytes = STATE_TENSORS * self._sub * 4
         self.generation = 0                        # commits so far: a copy read before one is stale
-        self.param_units: set = set()              # units whose parameter shards are their masters here
+        self.param_reader = None                   # offload_param="nvme": its NVMeParamShards (param_swap.py)
         self.folder = self._open_folder(nvme_path)
         self.slot = [0] * self.num_windows         # the committed slot of every sub-group
         self._aio = AsyncIO(block_size=1 << 20, queue_depth=16)
         count = max(1, min(buffer_count, self.num_windows))
         self.buffers = [aligned_empty((STATE_TENSORS * self._sub,), torch.float32) for _ in range(count)]
-        # Bytes moved and wall time of every walk (step, load, state dict) since construction or reset_stats().
+        # Bytes moved and wall time of every walk (step, load, state dict) since construction.
         # walk_bytes: what the walks moved (read_bytes also counts parameter reads, param_swap.py).
         self.io_stats = {"read_bytes": 0, "written_bytes": 0, "walk_bytes": 0, "walks": 0, "walk_s": 0.0}
         self._crc: dict = {}                       # (sub-group, slot) -> crc32c of master, m, v as written
@@ -122,25 +123,38 @@ class NVMeStateStore(StateStore):
         self._init_open: dict = {}                 # sub-group -> buffer being filled by init_masters
         self._initialized: set = set()             # sub-groups written by init_masters / finish_init
 
+    def _problems(self, mine, what: str, agree: bool = True) -> list:
+        """(rank, problem) of every rank that has one (one all_gather_object of any picklable value; with
+        agree=False this rank's only): a rank that raised alone would leave the others waiting in their next
+        collective."""
+        if not agree or self.comm.world_size == 1:
+            return [(self.comm.rank, mine)] if mine is not None else []
+        return [(r, p) for r, p in enumerate(self.comm.all_gather_object(mine, what)) if p is not None]
+
+    @staticmethod
+    def _lines(problems) -> str:
+        return "\n  ".join(f"rank {r}: {p}" for r, p in problems)
+
     def _open_folder(self, nvme_path: str) -> SwapFolder:
-        """This rank's swap folder, or the same SwapFolderError on every rank naming each rank's problem (a
-        rank that raised alone would leave the others waiting in their next collective)."""
-        folder, problem = None, None
+        """This rank's swap folder, or the same SwapFolderError (errno of the first failed rank) on every rank
+        naming each rank's problem."""
+        folder, mine = None, None
         try:
             folder = SwapFolder(nvme_path, self.comm.rank, self.comm.uid, self.num_windows * 2 * self._extent_bytes)
         except OSError as e:
-            problem = (e.errno, str(e).removeprefix("zerocore: "))
-        everyone = self.comm.all_gather_object(problem, "the NVMe swap folder checks")
-        failed = [(r, p) for r, p in enumerate(everyone) if p is not None]
+            mine = (e.errno, str(e).removeprefix("zerocore: "))
+        failed = self._problems(mine, "the NVMe swap folder checks")
         if failed:
             if folder is not None:
                 folder.remove()
             raise SwapFolderError(failed[0][1][0], "zerocore: offload_optimizer='nvme' cannot start:\n  " +
-                                  "\n  ".join(f"rank {r}: {p[1]}" for r, p in failed))
+                                  self._lines((r, text) for r, (_, text) in failed))
         return folder
 
     def _allocate_state(self, separate_master: bool) -> None:
         self.exp_avg = self.exp_avg_sq = self.master = None
+
+    separate_masters = True                    # always, in the file (the rollback restores parameters from them)
 
     @property
     def device(self) -> torch.device:
@@ -177,14 +191,21 @@ class NVMeStateStore(StateStore):
         n, s = end - start, self._sub
         return Window(i, start, end, buf[:n], buf[s:s + n], buf[2 * s:2 * s + n])
 
+    @property
+    def param_units(self) -> set:
+        """Units whose parameter shards are their masters here (offload_param="nvme")."""
+        return set(self.param_reader.windows_of) if self.param_reader is not None else set()
+
     def param_shard(self, u) -> Optional[torch.Tensor]:
-        return None if u.index in self.param_units else super().param_shard(u)
+        if self.param_reader is not None and u.index in self.param_reader.windows_of:
+            return None
+        return super().param_shard(u)
 
     # ------------------------------------------------------------------------------------ initial state
     @torch.no_grad()
     def init_masters(self, units=None) -> None:
         """Masters from the parameters' original values, m = v = 0; units come in order, and each sub-group
-        is written (to both slots; 0 is committed) as soon as every unit it holds has been seen."""
+        is written (to slot 0, the committed one) as soon as every unit it holds has been seen."""
         for u in (self.units if units is None else units):
             off = self.offsets[u.index]
             end = off + u.shard_numel
@@ -203,13 +224,12 @@ class NVMeStateStore(StateStore):
             if i not in self._initialized:     # (padding only, or still open)
                 self._init_buffer(i)
                 self._init_write(i)
-        problem = None if self._init_error is None else str(self._init_error)
-        failed = [(r, p) for r, p in enumerate(self.comm.all_gather_object(problem, "the NVMe state's first write"))
-                  if p is not None]
+        failed = self._problems(None if self._init_error is None else str(self._init_error),
+                                "the NVMe state's first write")
         if failed:
             self.close()
             raise NVMeStateError("zerocore: the NVMe optimizer state could not be written at construction:\n  " +
-                                 "\n  ".join(f"rank {r}: {p}" for r, p in failed), [r for r, _ in failed])
+                                 self._lines(failed), [r for r, _ in failed])
 
     def _init_buffer(self, i: int) -> torch.Tensor:
         if i not in self._init_open:
@@ -258,11 +278,13 @@ class NVMeStateStore(StateStore):
         if isinstance(body_error, AIOError):      # a read or write the walk waited for inside the body
             io_error, body_error = io_error or body_error, None
         failed = body_error is not None or io_error is not None
-        flags = torch.zeros(self.comm.world_size if agree else 1, dtype=torch.float32, device=self.comm.device)
-        flags[self.comm.rank if agree else 0] = float(failed)
         if agree and self.comm.world_size > 1:
+            flags = torch.zeros(self.comm.world_size, dtype=torch.float32, device=self.comm.device)
+            flags[self.comm.rank] = float(failed)
             self.comm.all_reduce(flags, "the NVMe optimizer state commit (did every rank write its state?)").wait()
-        bad = [r for r, f in enumerate(flags.cpu().tolist()) if f] if agree else ([self.comm.rank] if failed else [])
+            bad = [r for r, f in enumerate(flags.cpu().tolist()) if f]
+        else:
+            bad = [self.comm.rank] if failed else []
         if not bad:
             for i in walk.written:
                 self.slot[i] ^= 1
@@ -275,15 +297,14 @@ class NVMeStateStore(StateStore):
             restore_error = e
         error = io_error or body_error
         mine = None if error is None else f"{type(error).__name__}: {error} (nvme_path folder {self.folder.rank_dir!r})"
-        reports = self.comm.all_gather_object(mine, "what failed in the NVMe optimizer state update") \
-            if agree and self.comm.world_size > 1 else [None] * self.comm.rank + [mine]
+        reports = self._problems(mine, "what failed in the NVMe optimizer state update", agree)
         if restore_error is not None:
             raise restore_error
         if body_error is not None:
             raise body_error
-        lines = "\n  ".join(f"rank {r}: {m}" for r, m in enumerate(reports) if m is not None)
         raise NVMeStateError(
-            f"zerocore: the NVMe optimizer state could not be read or written on rank(s) {bad}:\n  {lines}\n"
+            f"zerocore: the NVMe optimizer state could not be read or written on rank(s) {bad}:\n  "
+            f"{self._lines(reports)}\n"
             "Nothing was committed on any rank: the parameters and the optimizer state are those of the last "
             "completed step, and the gradients are kept. Free space or fix the disk, then call step() again (or "
             "opt.zero_grad() to drop this step, or load the last checkpoint).", bad) from io_error
@@ -315,15 +336,14 @@ class NVMeStateStore(StateStore):
         return list(self.buffers) + self._param_buffers()
 
     def _param_buffers(self) -> List[torch.Tensor]:
-        reader = getattr(self, "param_reader", None)
-        return list(reader.buffers) if reader is not None else []
+        return list(self.param_reader.buffers) if self.param_reader is not None else []
 
     def swap_report(self) -> dict:
         return {"nvme_path": self.folder.dir, "nvme_bytes": self.folder.file_bytes, "nvme_io": dict(self.io_stats),
-                "nvme_buffer_bytes": sum(b.numel() * b.element_size() for b in self.buffers),
+                "nvme_buffer_bytes": storage_bytes(self.buffers),
                 "nvme_buffers": len(self.buffers), "sub_group_elements": self._sub,
-                "nvme_param_buffer_bytes": sum(b.numel() * b.element_size() for b in self._param_buffers()),
-                "nvme_param_reads": dict(self.param_reader.stats) if getattr(self, "param_reader", None) else None}
+                "nvme_param_buffer_bytes": storage_bytes(self._param_buffers()),
+                "nvme_param_reads": dict(self.param_reader.stats) if self.param_reader is not None else None}
 
     def close(self) -> None:
         if getattr(self, "_aio", None) is not None:
