@@ -12,7 +12,7 @@ some CUDA collectives does not matter here; the backend still picks the default 
 "all_reduce", NCCL: "scatter_gather"). What runs is the engine's device path: GPU buckets and the CUDA pack op, the
 CUDA fused Adam op, fp32 masters on the GPU, CPU offload (masters, Adam state and the reduced gradient shards in
 pinned host memory, the CPU Adam op, the asynchronous device-to-host copies of reduced shards in
-grad_reducer.py _finalize, the host-to-device copies of the updated parameters in step.py adam_update, and the
+reductions.py finalize, the host-to-device copies of the updated parameters in step.py adam_update, and the
 stream synchronizations in step() and _launch_gathers that make those copies safe to read), gradient
 accumulation across devices, and memory accounting of GPU and pinned host buffers. NCCL collectives themselves
 need a multi-GPU run.

@@ -4,7 +4,8 @@ import torch
 
 import zero_scenarios as Z
 from zero_cases import cases, values
-from zerocore.zero.grad_reducer import BucketPool
+from zerocore.zero import reductions
+from zerocore.zero.buckets import BucketPool
 from zerocore.zero import ZeroOptimizer
 
 PATHS = ["mlp_no_overlap_s2", "mlp_scatter_gather_s1", "mlp_scatter_gather_s2", "mlp_offload_s1", "mlp_offload_s2"]
@@ -84,7 +85,7 @@ def test_stage1_grads_are_views_of_flat_buffers(single_rank_group):
     m = torch.nn.Linear(8, 2)
     opt = ZeroOptimizer(m, stage=1)
     opt.backward(m(torch.randn(3, 8)).sum())
-    flat = opt.reducer.grad_flats[0]
+    flat = opt.reducer.strategies[0].grad_flats[0]
     assert all(p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in m.parameters())
     m.zero_grad(set_to_none=True)                      # user replaced .grad: the engine re-attaches its views
     opt.step()
@@ -95,19 +96,19 @@ def test_stage1_grads_are_views_of_flat_buffers(single_rank_group):
 def test_direct_reduction_leaves_a_gradient_kept_by_a_user_hook_alone(single_rank_group, monkeypatch):
     """A hook registered before the engine's may keep the parameter's gradient tensor: the direct reduction must
     neither write into it nor free its memory (it copies it instead)."""
-    from zerocore.zero import grad_reducer
-    monkeypatch.setattr(grad_reducer, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(reductions, "DIRECT_MIN_BYTES", 0)
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 128, bias=False)
     kept = []
     model.weight.register_post_accumulate_grad_hook(lambda p: kept.append((p.grad, p.grad.clone())))
     opt = ZeroOptimizer(model, stage=2, bucket_size=100)
-    assert any(plan is not None for plan in opt.reducer.plans)
+    direct = opt.reducer.strategies[0]
+    assert isinstance(direct, reductions.Direct)
     for _ in range(2):
         opt.backward(model(torch.randn(8, 64)).square().mean())
         opt.step()
         opt.zero_grad()
-    assert opt.reducer.direct_copies == 2          # the kept gradient was copied, once per step
+    assert direct.copies == 2          # the kept gradient was copied, once per step
     opt.close()
     assert len(kept) == 2
     for grad, copy in kept:
@@ -120,10 +121,11 @@ def test_direct_reduction_copies_nothing_in_the_common_case(single_rank_group):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
     opt = ZeroOptimizer(model, stage=2, bucket_size=100)
-    assert sum(plan is not None for plan in opt.reducer.plans) == 2     # both 2 MiB weights
+    direct = {s for s in opt.reducer.strategies if isinstance(s, reductions.Direct)}
+    assert len(direct) == 1 and len(direct.pop().plans) == 2             # both 2 MiB weights
     for _ in range(2):
         opt.backward(model(torch.randn(8, 512)).square().mean())
         opt.step()
         opt.zero_grad()
-    assert opt.reducer.direct_copies == 0
+    assert all(getattr(s, 'copies', 0) == 0 for s in opt.reducer.strategies)
     opt.close()

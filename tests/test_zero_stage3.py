@@ -74,6 +74,29 @@ def test_units_follow_modules_and_tied_parameters_go_to_the_common_ancestor():
     assert sorted(s.name for u in units for s in u.slots) == sorted(n for n, _ in named)
 
 
+def test_containers_without_a_forward_never_own_units():
+    """A ModuleList is never called, so its hooks would never gather a unit it owned: the parameters its
+    children leave go up to the module that calls them (here the model)."""
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(40, 40) for _ in range(2))   # 1640 each
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    model = Blocks()
+    named = list(model.named_parameters())
+    units = build_module_units(model, named, [0] * len(named), bucket_size=3000, unit_modules=None,
+                               persistence_threshold=0, world_size=2, rank=0)
+    assert {u.owner for u in units} == {""}, [u.owner for u in units]      # not "blocks" (3280 >= 3000)
+    units = build_module_units(model, named, [0] * len(named), bucket_size=10**6, unit_modules=("ModuleList",),
+                               persistence_threshold=0, world_size=2, rank=0)
+    assert {u.owner for u in units} == {""}
+
+
 def test_stage3_options_are_validated():
     with pytest.raises(ValueError, match="needs stage=3"):
         ZeroConfig(stage=2, offload_param="cpu")

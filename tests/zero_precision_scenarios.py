@@ -5,7 +5,7 @@ These close gaps that tests/zero_scenarios.py leaves open:
     parameter only one rank ever uses, and an odd world size (3);
   * bf16 checked against a single-process reference that rounds like the engine (fp32 masters, a bf16 model
     copy, each rank's bf16 gradient computed separately and averaged in the reduce dtype exactly the way
-    grad_reducer.py does), with a tolerance that is shown, in the same scenario, to reject a 10% lr error
+    reductions.py does), with a tolerance that is shown, in the same scenario, to reject a 10% lr error
     and a dropped step;
   * fp16 dynamic loss scaling beyond one overflow: the default hysteresis 2, the scale growing back after
     loss_scale_window clean steps, an overflow inside an accumulation window, with CPU offload;
@@ -170,7 +170,7 @@ def train_engine(kind, make_model, data, rank, world, *, lr=LR, wd=WD, flags=Non
 # ------------------------------------------------------------------------------------------------ reference
 def emulated_reference(kind, make_model, data, world, *, stage, lr=LR, wd=WD, dtype=None, reduce_dtype=None,
                        flags=None, poison=None, scales=None, drop=()):
-    """Single process, rank by rank, rounding like the engine (grad_reducer.py / optimizer.py):
+    """Single process, rank by rank, rounding like the engine (reductions.py / step.py):
 
     fp32 masters trained by torch.optim.AdamW; a copy of the model in the compute dtype (the masters rounded to
     nearest) computes each rank's local gradient of its local loss times the loss scale `scales[t]`.

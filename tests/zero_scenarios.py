@@ -322,17 +322,17 @@ mlp_scatter_gather_s1 = _parity("mlp", 1, bucket_size=200, collective_strategy="
 
 
 def _direct(scenario):
-    """The scenario with stage 2's direct reduction (grad_reducer.py) for every parameter that is half of its
+    """The scenario with stage 2's direct reduction (reductions.py) for every parameter that is half of its
     unit: its 1 MiB floor would leave these small test models on the bucket path. Reports how many units used it."""
     def wrapped(rank, world):
-        from zerocore.zero import grad_reducer
-        plans, saved = [], (grad_reducer.DIRECT_MIN_BYTES, grad_reducer.plan_direct)
-        grad_reducer.DIRECT_MIN_BYTES = 0
-        grad_reducer.plan_direct = lambda unit, itemsize: plans.append(saved[1](unit, itemsize)) or plans[-1]
+        from zerocore.zero import reductions
+        plans, saved = [], (reductions.DIRECT_MIN_BYTES, reductions.plan_direct)
+        reductions.DIRECT_MIN_BYTES = 0
+        reductions.plan_direct = lambda unit, itemsize: plans.append(saved[1](unit, itemsize)) or plans[-1]
         try:
             result = dict(scenario(rank, world) or {})
         finally:
-            grad_reducer.DIRECT_MIN_BYTES, grad_reducer.plan_direct = saved
+            reductions.DIRECT_MIN_BYTES, reductions.plan_direct = saved
         result["direct_units"] = sum(p is not None for p in plans)
         return result
     return wrapped

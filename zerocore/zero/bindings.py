@@ -41,11 +41,13 @@ def _locations(model: torch.nn.Module, names: List[str]) -> Dict[str, Tuple[torc
 
 
 class Bindings:
-    """Checks that each slot's parameter is still registered and still a view of its unit's buffer."""
+    """Checks that each slot's parameter is still registered and still a view of its unit's buffer, and
+    rebinds, adopts or refuses what moved (see the note above)."""
 
-    def __init__(self, model: torch.nn.Module, units: List[Unit], stage3_data_ptr=None):
+    def __init__(self, model: torch.nn.Module, units: List[Unit], store, reducer, wait_for_params,
+                 stage3_data_ptr=None):
         """stage3_data_ptr(unit, slot position): where a stage-3 parameter's data points now (residency.py)."""
-        self.units = units
+        self.units, self.store, self.reducer, self.wait_for_params = units, store, reducer, wait_for_params
         self.stage3_data_ptr = stage3_data_ptr
         slots = sorted(((u, s) for u in units for s in u.slots), key=lambda us: us[1].index)   # model order
         locs = _locations(model, [s.name for _, s in slots])
@@ -55,6 +57,31 @@ class Bindings:
     @staticmethod
     def expected_ptr(u: Unit, s: Slot) -> int:
         return u.flat.data_ptr() + s.offset * u.flat.element_size()
+
+    @torch.no_grad()
+    def check(self, at_step: bool = False) -> None:
+        """Before a forward (at_step=False) or a step: rebind, adopt or refuse parameters whose storage was
+        replaced; gradient views someone replaced are restored too."""
+        moved = self.moved(check_registration=at_step)
+        partitioned = [s.name for u, s in moved if not u.persistent]
+        if partitioned:
+            raise ParameterReplacedError(
+                f"zerocore: stage 3 parameter(s) {partitioned[:3]} were given new storage after ZeroOptimizer "
+                "was constructed (p.data = ..., module.to(...)); a partitioned parameter's values live in its "
+                "shards, so nothing can be adopted. Move or cast the model before constructing ZeroOptimizer, "
+                "and change values with zerocore.gathered_parameters(..., modifier_rank=...).")
+        if moved:
+            self.wait_for_params()          # the buffers are complete before they are compared or written
+            for u, s in moved:
+                if not self.store.separate_masters or not s.owned_numel:
+                    self.rebind(u, s, adopt_values=at_step)
+                    continue
+                before = u.flat[s.offset + s.own_start:s.offset + s.own_end].clone()
+                if self.rebind(u, s, adopt_values=at_step):
+                    now = s.param.detach().reshape(-1)[s.own_start:s.own_end]
+                    # only adopted values reach the fp32 master
+                    self.store.set_masters([(u, s.shard_pos, now, now != before)])
+        self.reducer.rebind_grads()
 
     def moved(self, check_registration: bool) -> List[Tuple[Unit, Slot]]:
         """Slots whose parameter no longer views its buffer (raises for what cannot be adopted)."""

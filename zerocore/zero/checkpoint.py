@@ -340,6 +340,34 @@ def read_for_rank(opt, ckpt_dir, tag: Optional[str]):
     return sources, extra, client, problems
 
 
+def load(opt, ckpt_dir, tag: Optional[str] = None, lr_scheduler=None):
+    """ZeroOptimizer.load_checkpoint: read this rank's ranges, agree with every rank, load all or nothing;
+    returns the saved client_state."""
+    import copy
+    finish_pending(opt)
+    sources, extra, client, problems = read_for_rank(opt, ckpt_dir, tag)
+    saved_sched = client.get("lr_scheduler") if isinstance(client, dict) else None
+    if lr_scheduler is not None and not problems:
+        if saved_sched is None:
+            problems.append("an lr_scheduler was given but the checkpoint holds no scheduler state")
+        else:
+            try:                         # on a copy: the load below must stay all or nothing. Shallow:
+                # a deep copy would copy the optimizer, its state and the model it references.
+                copy.copy(lr_scheduler).load_state_dict(saved_sched)
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"the checkpoint's lr_scheduler state does not fit the given scheduler "
+                                f"({type(e).__name__}: {e})")
+    opt._load(sources, problems)
+    if extra:
+        ours = extra_state(opt.model)
+        with torch.no_grad():
+            for k, v in extra.items():
+                ours[k].copy_(v)
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(saved_sched)
+    return client.get("client_state") if isinstance(client, dict) else None
+
+
 def _read_extra(opt, folder: Path, entry: Optional[dict], problems: List[str]) -> Dict[str, torch.Tensor]:
     """The saved frozen parameters and buffers, checked against the manifest and against the model's."""
     ours = {k: v for k, v in extra_state(opt.model).items()}

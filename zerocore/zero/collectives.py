@@ -50,6 +50,7 @@ in rank 0 (init_method tcp://) or in torchrun's agent; if it is unreachable too,
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import pickle
@@ -375,3 +376,19 @@ class Collectives:
             _UNSETTLED.extend(self._releasing)     # an engine dropped without close() (see _UNSETTLED)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _destroy_default_group_at_exit() -> None:
+    """Runs after every optimizer's exit hook ([Note: exit]): a script that never called
+    destroy_process_group() gets it here, while the interpreter still runs, so the backend's worker threads are
+    joined (with the GIL released) before finalization instead of meeting it."""
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - at exit: a group that cannot be destroyed is left to the process's end
+        pass
+
+
+# Registered when the engine is imported, so it runs after the exit hooks of everything registered later (atexit
+# runs hooks in reverse): every optimizer's, and a script's own (e.g. atexit.register(dist.destroy_process_group)).
+atexit.register(_destroy_default_group_at_exit)

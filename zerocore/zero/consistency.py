@@ -1,4 +1,5 @@
-"""Cross-rank check that every rank is about to shard the same model the same way.
+"""Cross-rank check that every rank is about to shard the same model the same way, and the copy of rank 0's
+parameters and buffers that makes them start from the same values (sync_module_states).
 
 Every rank contributes a description (parameter names, shapes, dtypes, requires_grad, group, optionally a
 digest of each parameter's values, plus the engine's options and hyperparameters); all ranks receive all
@@ -71,3 +72,26 @@ def check_ranks_agree(description: dict, comm) -> List[dict]:
                 "model (same parameter names, shapes, dtypes, requires_grad and param groups) and pass the same "
                 "options and hyperparameters before constructing ZeroOptimizer.")
     return everyone
+
+
+@torch.no_grad()
+def broadcast_module_states(model: torch.nn.Module, comm, skip=lambda t: False) -> None:
+    """Give every rank rank 0's parameters and buffers (sync_module_states, as DDP and FSDP do); tensors for
+    which skip(t) is true (parameters built under ZeroInit, synchronized there and holding no values here)
+    are left alone."""
+    tensors = [p for p in model.parameters() if not skip(p)] + list(model.buffers())
+    pending = []
+    for t in tensors:
+        data = t.detach()
+        if data.numel() == 0 or data.device.type != comm.device.type:
+            continue              # (NCCL cannot broadcast a GPU model's host buffers; they stay per rank)
+        target = data if data.is_contiguous() else data.contiguous()
+        pending.append((data, target, comm.broadcast(target, 0, f"rank 0's {tuple(data.shape)} parameter or buffer")))
+    for data, target, p in pending:
+        p.wait()
+        if target is not data:
+            data.copy_(target)
+    # Let go of the references kept for the backend ([Note: exit] in collectives.py) now: they would keep the
+    # parameters' original storage alive after materialize() moved them into the unit buffers.
+    del pending, tensors
+    comm.settle()

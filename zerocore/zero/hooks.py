@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten
 from .consistency import RankMismatchError
 from .phases import Phase
 from .residency import ParamState, Residency
+from .schedule import sync_device
 from .units import Unit
 
 
@@ -250,9 +251,19 @@ class ParamHooks:
         self.used.clear()
         self.forward_calls = 0
 
+    def before_update(self) -> None:
+        """The shards are about to change (step, load): every partitioned unit is freed first."""
+        self.res.wait_all()
+        self.free_all()
+
+    def after_update(self, updated: bool) -> None:
+        """A new window starts whether or not the step updated (gather log, held gathered() units)."""
+        self.launch()
+
     def launch(self) -> None:
         """After a step: refresh the persistent units (small: waited for at once, so a submodule called
         directly or code reading them sees current values), then prefetch the next forward's first units."""
+        sync_device(self.units)
         self.new_window()
         self.res.refresh_persistent()
         self.res.wait_all()

@@ -19,6 +19,12 @@ import torch
 from .units import Unit
 
 
+def sync_device(units: List[Unit]) -> None:
+    """Before gathers of updated shards on a GPU: the updates (and staging copies) are complete."""
+    if units and units[0].flat.device.type == "cuda":
+        torch.cuda.current_stream(units[0].flat.device).synchronize()
+
+
 class GatherSchedule:
     """Records forward order, launches the per-unit gathers after a step and waits for them in forward."""
 
@@ -85,9 +91,22 @@ class GatherSchedule:
             self.order = [int(i) for i in rows[0, :len(self.units)].tolist()]
             self.order_agreed = True
 
+    # -------------------------------------------------------------- around an update (step, load, adopt)
+    def check_used(self, got) -> None:
+        """Stages 1 and 2 hold every parameter: any module may read any of them."""
+
+    def before_update(self) -> None:
+        """The shards are about to change: no gather may still be writing the buffers."""
+        self.wait_all()
+
+    def after_update(self, updated: bool) -> None:
+        if updated:
+            self.launch()
+
     def launch(self) -> None:
         """Start every unit's gather (forward order, else reversed units: before the first step's agreement
         every rank uses the same fallback)."""
+        sync_device(self.units)
         order = self.order if self.order_agreed else range(len(self.units) - 1, -1, -1)
         for i in order:
             u = self.units[i]

@@ -20,6 +20,37 @@ TOP_KEYS = ("params", "param_groups", "loss_scaler", "global_steps", "skipped_st
 GROUP_KEYS = {"lr", "betas", "eps", "weight_decay"}
 
 
+def agree_to_load(sources: Sequence[dict], problems: List[str], units, num_groups: int, phases, comm) -> None:
+    """Validate `sources` (unless this rank already found `problems`, e.g. reading a checkpoint), then agree
+    with every rank ([Note: atomic load]): raises the same ValueError on every rank unless all can load the
+    same checkpoint step."""
+    from .phases import Phase
+    if not problems:
+        try:
+            problems = validate(sources, units, num_groups) if sources else ["no state dict was given"]
+        except Exception as e:  # noqa: BLE001 - a malformed dict must still reach the agreement below
+            problems = [f"the state dict is malformed ({type(e).__name__}: {e})"]
+    where = [float(len(problems)), 0.0, 0.0]
+    if not problems:                     # which checkpoint: the same on every rank, or a mix of runs
+        where[1:] = [float(sources[0]["global_steps"]), float(sources[0]["loss_scaler"]["scale"])]
+    rows = phases.exchange(Phase.LOAD, torch.tensor(where)).cpu()
+    if not rows[:, 0].any() and not (rows[:, 1:3] == rows[0, 1:3]).all():
+        problems = ["the ranks were given checkpoints of different steps: (global_steps, loss scale) per "
+                    f"rank {[tuple(r) for r in rows[:, 1:3].tolist()]}"]
+        rows[:, 0] = 1.0
+    if rows[:, 0].any():
+        everyone = comm.all_gather_object(problems[:3], "the load_state_dict problems of every rank")
+        lines = [f"rank {r}: {p}" for r, ps in enumerate(everyone) for p in ps]
+        raise ValueError("zerocore: the checkpoint was refused on every rank and nothing was loaded "
+                         "(load_state_dict changed nothing):\n  " + "\n  ".join(lines))
+
+
+def load_groups(param_groups: List[dict], source: dict) -> None:
+    """The saved hyperparameters of every group (after agree_to_load)."""
+    for g, sg in zip(param_groups, source["param_groups"]):
+        g.update({k: (tuple(v) if k == "betas" else v) for k, v in sg.items() if k not in ("param_names", "params")})
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

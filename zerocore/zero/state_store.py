@@ -59,6 +59,19 @@ def units_in(units: List[Unit], offsets: List[int], lo: int, hi: int) -> Iterato
             yield u, a - off, b - off
 
 
+def make_store(units: List[Unit], comm, cfg, *, device: torch.device, compute_dtype: torch.dtype,
+               reduce_dtype: torch.dtype) -> "StateStore":
+    """The store a configuration asks for: in memory (on the device, or on the host with
+    offload_optimizer="cpu"), or in files under nvme_path (offload_optimizer="nvme", swapper.py)."""
+    options = dict(device=device, compute_dtype=compute_dtype, stage=cfg.stage, reduce_dtype=reduce_dtype,
+                   accumulation_steps=cfg.gradient_accumulation_steps)
+    if cfg.offload_optimizer == "nvme":
+        from .swapper import NVMeStateStore
+        return NVMeStateStore(units, comm=comm, nvme_path=cfg.nvme_path, buffer_count=cfg.buffer_count,
+                              sub_group_size=cfg.sub_group_size, unit_sized=cfg.offload_param == "nvme", **options)
+    return StateStore(units, offload=cfg.offload_optimizer == "cpu", **options)
+
+
 class StateStore:
     """Allocates and owns this rank's sharded optimizer state in memory (see the module docstring)."""
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
 from zerocore.ops import adam as adam_ops
 
+from .phases import Phase
 from .state_store import StateStore
 from .units import Unit
 
@@ -122,3 +123,74 @@ def _adam_window(w, runs, spans, store: StateStore, param_groups, shards, scale_
         elif writes_params and store.staging is not None:
             for (shard, a, b), o in zip(where, outs):
                 shard[a:b].copy_(o, non_blocking=True)
+
+
+class Stepper:
+    """Runs the optimizer step at the end of an accumulation window and keeps the training counters
+    (global_steps, skipped_steps, each parameter's Adam step count, the last global gradient norm)."""
+
+    def __init__(self, *, units: List[Unit], store: StateStore, reducer, schedule, phases, loss_scaler,
+                 param_groups: List[dict], config, mixed: bool, num_params: int, device: torch.device):
+        self.units, self.store, self.reducer, self.schedule = units, store, reducer, schedule
+        self.device = device                 # the model's
+        self.phases, self.loss_scaler, self.param_groups = phases, loss_scaler, param_groups
+        self.config, self.mixed, self.num_params = config, mixed, num_params
+        self.param_steps = [0] * num_params
+        self.global_grad_norm: Optional[float] = None
+        self.skipped_steps = 0
+        self.global_steps = 0
+
+    def run(self) -> bool:
+        """The step over this rank's shards ([Note: step]); False when an overflow skipped it."""
+        r, cfg, sched = self.reducer, self.config, self.schedule
+        if not sched.recorded:
+            sched.finish_recording()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()   # async copies of reduced shards to the host are done
+        shards = r.reduced_shards()
+        n = 1 + self.num_params
+        payload = torch.zeros(self.phases.payload_numel, dtype=torch.float64,
+                              device=shards[0].device if shards else None)
+        payload[0] = squared_norm(self.store, shards)
+        payload[1:n] = torch.frombuffer(bytearray(r.has_grad), dtype=torch.uint8).to(payload.device, torch.float64)
+        payload[n:] = sched.agreement_payload(self.phases.payload_numel - n).to(payload.device)
+        rows = self.phases.exchange(Phase.STEP, payload, micro_step=r.micro_steps)
+        sched.agree(rows[:, n:].cpu())
+        # Summed in rank order, so every rank gets bit-identical totals (see [Note: phase agreement]).
+        total = rows[:, :n].sum(0)
+        total_sq = float(total[0])
+        got = (total[1:] > 0).tolist()
+        sched.check_used(got)
+        sched.before_update()
+        divisor = r.grad_divisor * self.loss_scaler.scale
+        if is_overflow(total_sq):
+            self.loss_scaler.update(overflow=True)
+            self.skipped_steps += 1
+            self.global_grad_norm = float("inf")
+            r.clear_window()
+            sched.after_update(updated=False)
+            return False
+        norm = global_norm(total_sq, divisor)
+        self.global_grad_norm = norm
+        coef = clip_coefficient(norm, cfg.gradient_clipping)
+        adam_update(self.units, self.store, self.param_groups, shards, got, self.param_steps, coef / divisor,
+                    adamw=cfg.adamw, mixed=self.mixed)
+        for i, g in enumerate(got):
+            if g:
+                self.param_steps[i] += 1
+        self.loss_scaler.update(overflow=False)
+        self.global_steps += 1
+        r.clear_window()
+        sched.after_update(updated=True)
+        return True
+
+    def state(self) -> dict:
+        """The counters a checkpoint keeps."""
+        return {"loss_scaler": self.loss_scaler.state_dict(), "global_steps": self.global_steps,
+                "skipped_steps": self.skipped_steps}
+
+    def load(self, source: dict, param_steps: List[int]) -> None:
+        self.param_steps[:] = param_steps
+        self.loss_scaler.load_state_dict(source["loss_scaler"])
+        self.global_steps = int(source["global_steps"])
+        self.skipped_steps = int(source["skipped_steps"])

@@ -161,6 +161,12 @@ def build_units(named_params: Sequence[Tuple[str, torch.nn.Parameter]], groups: 
 _READS_CHILDREN = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer)
 
 
+def _is_called(module: torch.nn.Module) -> bool:
+    """Whether the module has a forward of its own: containers (ModuleList, ModuleDict) never run, so their
+    hooks would never gather a unit they owned; their parameters go up to the module that calls them."""
+    return type(module).forward is not torch.nn.Module.forward
+
+
 def build_module_units(model: torch.nn.Module, named_params: Sequence[Tuple[str, torch.nn.Parameter]],
                        groups: Sequence[int], *, bucket_size: int, unit_modules: Optional[Sequence[str]],
                        persistence_threshold: int, world_size: int, rank: int) -> List[Unit]:
@@ -171,7 +177,7 @@ def build_module_units(model: torch.nn.Module, named_params: Sequence[Tuple[str,
     modules bottom-up, a module owns the parameters below it not owned deeper down when its class is named in
     `unit_modules`, or (without unit_modules) when they reach `bucket_size` elements; the model owns the rest.
     Modules below a MultiheadAttention or TransformerEncoderLayer (which read their children's parameters
-    without calling them) never own units.
+    without calling them) and containers without a forward (ModuleList, ModuleDict) never own units.
     Parameters of at most `persistence_threshold` elements go to persistent units instead. Units are numbered
     in expected backward order (the unit whose parameters were registered last comes first), as in build_units.
 
@@ -215,7 +221,7 @@ def build_module_units(model: torch.nn.Module, named_params: Sequence[Tuple[str,
         if not items:
             continue
         size = sum(named_params[i][1].numel() for i in items)
-        is_owner = mname == "" or (mname not in inside_reader and (
+        is_owner = mname == "" or (mname not in inside_reader and _is_called(modules[mname]) and (
             type(modules[mname]).__name__ in wanted if wanted is not None else size >= bucket_size))
         if is_owner:
             owned.append((mname, sorted(items)))
