@@ -13,7 +13,7 @@ some CUDA collectives does not matter here; the backend still picks the default 
 CUDA fused Adam op, fp32 masters on the GPU, CPU offload (masters, Adam state and the reduced gradient shards in
 pinned host memory, the CPU Adam op, the asynchronous device-to-host copies of reduced shards in
 reductions.py finalize, the host-to-device copies of the updated parameters in step.py adam_update, and the
-stream synchronizations in step() and _launch_gathers that make those copies safe to read), gradient
+stream synchronizations in Stepper.run and schedule.sync_device that make those copies safe to read), gradient
 accumulation across devices, and memory accounting of GPU and pinned host buffers. NCCL collectives themselves
 need a multi-GPU run.
 

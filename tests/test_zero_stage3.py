@@ -92,8 +92,9 @@ def test_containers_without_a_forward_never_own_units():
     units = build_module_units(model, named, [0] * len(named), bucket_size=3000, unit_modules=None,
                                persistence_threshold=0, world_size=2, rank=0)
     assert {u.owner for u in units} == {""}, [u.owner for u in units]      # not "blocks" (3280 >= 3000)
-    units = build_module_units(model, named, [0] * len(named), bucket_size=10**6, unit_modules=("ModuleList",),
-                               persistence_threshold=0, world_size=2, rank=0)
+    with pytest.warns(UserWarning, match=r"unit_modules names \['ModuleList'\], which have no forward"):
+        units = build_module_units(model, named, [0] * len(named), bucket_size=10**6,
+                                   unit_modules=("ModuleList",), persistence_threshold=0, world_size=2, rank=0)
     assert {u.owner for u in units} == {""}
 
 

@@ -1,6 +1,6 @@
 // zerocore::ownership: who else uses a tensor's memory, for zerocore.ops.buckets.is_sole_owner.
 //
-// Stage 2's direct reduction (zerocore/zero/grad_reducer.py) sums autograd's gradient tensor in place and then
+// Stage 2's direct reduction (zerocore/zero/reductions.py) sums autograd's gradient tensor in place and then
 // frees its memory. Autograd may hand a parameter a gradient that is a view of another node's gradient (a
 // parameter that reaches the loss through view/reshape/narrow), which other backward nodes still read; a hook
 // registered before ours may keep the very same tensor; a custom backward may return memory torch does not own

@@ -36,7 +36,7 @@ class GradReducer:
                  reduce_dtype: torch.dtype, accumulation_steps: int, overlap: bool, max_inflight: int,
                  shard_store: Optional[torch.Tensor], shard_offsets: List[int], num_params: int,
                  phases=None):
-        self.units, self.comm = units, comm
+        self.units = units
         self.phases = phases            # PhaseAgreement: a reducing backward first checks every rank is in one
         self.accumulation_steps, self.overlap, self.max_inflight = accumulation_steps, overlap, max_inflight
         self.shard_store = shard_store
@@ -46,10 +46,10 @@ class GradReducer:
                                             reduce_dtype=reduce_dtype, shard_store=shard_store,
                                             max_inflight=max_inflight)
         kinds = set(self.strategies)
-        self.reduces_every_pass = all(s.reduces_every_pass for s in kinds)
-        assert len({s.reduces_every_pass for s in kinds}) == 1 and len({s.prescaled for s in kinds}) == 1, \
-            "zerocore internal error: one engine mixes reduction strategies of different kinds"
-        self.pool = self.strategies[0].pool if self.strategies else None
+        if len({s.reduces_every_pass for s in kinds}) != 1 or len({s.prescaled for s in kinds}) != 1:
+            raise RuntimeError("zerocore internal error: one engine mixes reduction strategies of different kinds")
+        self.reduces_every_pass = self.strategies[0].reduces_every_pass
+        self.pool = self.strategies[0].pool
         # What the step divides the reduced sums by: the micro-steps, and N unless the buckets were pre-divided.
         self.grad_divisor = accumulation_steps * (1 if self.strategies[0].prescaled else comm.world_size)
         self.where = {id(s.param): (u.index, k) for u in units for k, s in enumerate(u.slots)}
@@ -92,11 +92,9 @@ class GradReducer:
                 p.wait()
 
     def rebind_grads(self) -> None:
-        """Before a forward or a step: gradient views someone replaced are restored (InPlace)."""
-        for strategy in set(self.strategies):
-            if isinstance(strategy, reductions.InPlace):
-                for u in self.units:
-                    strategy.rebind(u.index)
+        """Before a forward or a step: gradient views someone replaced are restored (reductions.InPlace)."""
+        for u, strategy in enumerate(self.strategies):
+            strategy.rebind(u)
 
     def discard(self) -> None:
         """Forget everything since the last step, including what a backward pass that raised left behind:

@@ -24,8 +24,8 @@ collective(s), and once they complete leaves the unit's reduced shard where the 
 
 A strategy that `reduces_every_pass` writes the store each backward (first pass: copy, later: add); one that
 does not reduces once per accumulation window. Gradients are `prescaled` (divided by N before summing, which
-keeps fp16 sums in range) by every strategy but InPlace. choose() picks one strategy per unit; the stage only
-enters there.
+keeps fp16 sums in range) by every strategy but InPlace. choose() picks the strategy of every unit (one instance
+per kind serves all of its units, keyed by unit index); the stage only enters there.
 """
 from __future__ import annotations
 
@@ -51,9 +51,10 @@ class Reduction:
     reduces_every_pass = True
     prescaled = True
 
-    def __init__(self, units: List[Unit], comm, pool: BucketPool, shard_views: Sequence[Optional[torch.Tensor]],
+    def __init__(self, units: List[Unit], comm, shard_views: Sequence[Optional[torch.Tensor]],
                  reduce_dtype: torch.dtype):
-        self.units, self.comm, self.pool, self.shard_views = units, comm, pool, shard_views
+        self.units, self.comm, self.shard_views = units, comm, shard_views
+        self.pool: Optional[BucketPool] = None        # shared by every strategy of an engine: choose() sets it
         self.reduce_dtype = reduce_dtype
         self.pack_scale = 1.0 / comm.world_size if self.prescaled else 1.0
         self.buckets: Dict[int, torch.Tensor] = {}
@@ -67,8 +68,9 @@ class Reduction:
         """Parameter p (slot k of unit u) received a gradient; `again`: it already had one in this pass."""
 
     def launch(self, u: int, missing: List[int], first: bool) -> list:
-        """Start unit u's collective(s); `missing`: slots with no gradient in this pass (they count as zero);
-        `first`: the result replaces the store's shard (else it adds to it). Returns the pending works."""
+        """Start unit u's collective(s); `missing`: slots that got no gradient in this pass (they count as zero;
+        strategies that reduce once per window look at the accumulated .grad instead); `first`: the result
+        replaces the store's shard (else it adds to it). Returns the pending works."""
         raise NotImplementedError
 
     def finalize(self, u: int, results: list, first: bool) -> None:
@@ -85,8 +87,9 @@ class Reduction:
 
     def clear_window(self, u: int) -> None:
         """The accumulation window ended (a step, or gradients discarded)."""
-        for s in self.units[u].slots:
-            s.param.grad = None
+
+    def rebind(self, u: int, keep_values: bool = True) -> None:
+        """Before a forward or a step: restore gradient views someone replaced (InPlace only)."""
 
     def held_tensors(self, u: int) -> List[torch.Tensor]:
         """Gradient storage this strategy holds for unit u beyond the parameters' .grad and the pool."""
@@ -217,6 +220,10 @@ class PackAtBoundary(Reduction):
         self._store_bucket_shard(u, results[0], first)
         self.clear_window(u)
 
+    def clear_window(self, u: int) -> None:
+        for s in self.units[u].slots:            # the accumulated .grad was packed (or is discarded)
+            s.param.grad = None
+
 
 class PackOnArrival(Reduction):
     """Stages 2 and 3: pack each gradient into the unit's bucket as it arrives and free it (see the note)."""
@@ -233,6 +240,11 @@ class PackOnArrival(Reduction):
 
     def finalize(self, u, results, first) -> None:
         self._store_bucket_shard(u, results[0], first)
+
+    def discard(self, u: int) -> None:
+        super().discard(u)
+        for s in self.units[u].slots:            # a gradient that arrived after its hook raised
+            s.param.grad = None
 
 
 @dataclass
@@ -351,10 +363,10 @@ class Direct(PackOnArrival):
 def choose(units: List[Unit], comm, shard_views: Sequence[Optional[torch.Tensor]], *, stage: int,
            grad_dtype: torch.dtype, reduce_dtype: torch.dtype, shard_store: Optional[torch.Tensor],
            max_inflight: int) -> List[Reduction]:
-    """One strategy per unit (see the note), sharing one bucket pool that keeps as many slabs of the biggest
+    """The strategy of every unit (see the note), all sharing one bucket pool that keeps as many slabs of the biggest
     bucket as can be live at once (max_inflight reducing + one filling), so a steady-state backward allocates
     and frees no bucket (see buckets.host_buffer for why that matters on the host)."""
-    shared = [units, comm, None, shard_views, reduce_dtype]
+    shared = [units, comm, shard_views, reduce_dtype]
     if stage == 1:
         # In place unless a dtype change forces a bucket, or the reduced shards must land in a store elsewhere
         # (offload of a GPU model: the store is on the host).

@@ -216,6 +216,12 @@ def build_module_units(model: torch.nn.Module, named_params: Sequence[Tuple[str,
     inside_reader = {n for n in names for r in readers if n != r and (r == "" or n.startswith(r + "."))}
     owned: List[Tuple[str, List[int]]] = []
     wanted = set(unit_modules) if unit_modules is not None else None
+    containers = sorted({type(modules[n]).__name__ for n in names if not _is_called(modules[n])} & (wanted or set()))
+    if containers:
+        import warnings
+        warnings.warn(f"zerocore: unit_modules names {containers}, which have no forward (containers are never "
+                      "called, so nothing would gather them): their parameters go to the modules that call them. "
+                      "Name the classes of the modules inside them instead.", UserWarning, stacklevel=3)
     for mname in sorted(names, key=lambda n: -(n.count(".") + 1 if n else 0)):
         items = pending.pop(mname, [])
         if not items:
