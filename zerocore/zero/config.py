@@ -1,7 +1,7 @@
 """ZeroConfig: every option of the ZeRO engine, validated once, frozen afterwards.
 
 Options are checked at construction so a typo fails before any memory is touched or any rank waits on
-another. `ZeroConfig.from_deepspeed(dict_or_path)` reads the common subset of a DeepSpeed JSON config.
+another. `ZeroConfig.from_deepspeed(dict_or_path)` reads a DeepSpeed JSON config (zerocore/zero/ds_config.py).
 
 >>> cfg = ZeroConfig(stage=2, lr=1e-3, gradient_accumulation_steps=4)
 >>> cfg.stage, cfg.gradient_accumulation_steps
@@ -9,7 +9,6 @@ another. `ZeroConfig.from_deepspeed(dict_or_path)` reads the common subset of a 
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Optional, Tuple, Union
@@ -204,68 +203,18 @@ class ZeroConfig:
         return replace(base, **kwargs) if base is not None else cls(**kwargs)
 
     @classmethod
-    def from_deepspeed(cls, config: Union[str, os.PathLike, Mapping[str, Any]]) -> "ZeroConfig":
-        """Read the subset of a DeepSpeed config (dict or JSON path) that this engine implements.
+    def from_deepspeed(cls, config: Union[str, os.PathLike, Mapping[str, Any]], *, world_size: Optional[int] = None,
+                       model: Optional[torch.nn.Module] = None,
+                       resolved: Optional[Mapping[str, Any]] = None) -> "ZeroConfig":
+        """The engine options of a DeepSpeed config (dict or JSON path), read strictly: unknown keys are errors,
+        "auto"s are resolved or named, keys zerocore does not implement are warned about. See
+        `zerocore.zero.ds_config.parse_deepspeed`, which also returns the scheduler and batch sizes.
 
         >>> ZeroConfig.from_deepspeed({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}).dtype
         torch.bfloat16
         """
-        if not isinstance(config, Mapping):
-            with open(config) as f:
-                config = json.load(f)
-        kw = {}
-        zero = config.get("zero_optimization", {})
-        if "stage" in zero:
-            kw["stage"] = zero["stage"]
-        if "reduce_bucket_size" in zero:
-            kw["bucket_size"] = int(zero["reduce_bucket_size"])
-        if "overlap_comm" in zero:
-            kw["overlap_comm"] = bool(zero["overlap_comm"])
-        for src, dst in (("stage3_param_persistence_threshold", "param_persistence_threshold"),
-                         ("stage3_prefetch_bucket_size", "prefetch_bucket_size"),
-                         ("stage3_max_live_parameters", "max_live_parameters")):
-            if src in zero:
-                kw[dst] = int(zero[src])
-        off_param = zero.get("offload_param", {}) or {}
-        if off_param.get("device") not in (None, "none"):
-            kw["offload_param"] = off_param["device"]
-            if "buffer_count" in off_param:
-                kw["param_buffer_count"] = off_param["buffer_count"]
-        off = zero.get("offload_optimizer", {}) or {}
-        if off.get("device") not in (None, "none"):
-            kw["offload_optimizer"] = off["device"]
-            kw["nvme_path"] = off.get("nvme_path")
-            if "buffer_count" in off:
-                kw["buffer_count"] = off["buffer_count"]
-        if "sub_group_size" in zero:
-            kw["sub_group_size"] = zero["sub_group_size"]
-        if "gradient_accumulation_steps" in config:
-            kw["gradient_accumulation_steps"] = config["gradient_accumulation_steps"]
-        if "gradient_clipping" in config:
-            kw["gradient_clipping"] = config["gradient_clipping"]
-        opt = config.get("optimizer", {})
-        if opt:
-            if opt.get("type", "adamw").lower() not in ("adam", "adamw"):
-                raise ValueError(f"optimizer type {opt.get('type')!r} is not supported: ZeroOptimizer runs Adam/AdamW")
-            params = opt.get("params", {})
-            kw["adamw"] = opt.get("type", "adamw").lower() == "adamw" or bool(params.get("adam_w_mode", False))
-            for k in ("lr", "eps", "weight_decay"):
-                if k in params:
-                    kw[k] = params[k]
-            if "betas" in params:
-                kw["betas"] = tuple(params["betas"])
-        if config.get("bf16", {}).get("enabled"):
-            kw["dtype"] = torch.bfloat16
-        fp16 = config.get("fp16", {})
-        if fp16.get("enabled"):
-            kw["dtype"] = torch.float16
-            if fp16.get("loss_scale", 0):
-                kw["loss_scale"] = float(fp16["loss_scale"])
-            for src, dst in (("initial_scale_power", "initial_scale_power"), ("loss_scale_window", "loss_scale_window"),
-                             ("hysteresis", "hysteresis"), ("min_loss_scale", "min_loss_scale")):
-                if src in fp16:
-                    kw[dst] = fp16[src]
-        return cls(**kw)
+        from .ds_config import parse_deepspeed     # ds_config builds on this module
+        return parse_deepspeed(config, world_size=world_size, model=model, resolved=resolved).zero
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:

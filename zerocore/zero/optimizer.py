@@ -34,6 +34,7 @@ from .bindings import Bindings
 from .collectives import Collectives
 from .config import ZeroConfig
 from .consistency import broadcast_module_states, check_ranks_agree, describe, value_digest
+from .ds_config import DeepSpeedSettings, parse_deepspeed
 from .full_params import _OPEN, FullParameters, gathered_parameters  # noqa: F401 (re-exported)
 from .hooks import ParamHooks
 from .loss_scaler import make_loss_scaler
@@ -55,10 +56,25 @@ _LOCAL_OPTIONS = ("comm_timeout_s", "host_block_cache", "nvme_path", "buffer_cou
 EXIT_WAIT_S = 60.0
 
 
+def _read_config(config, options: dict, model, world_size: int):
+    """(ZeroConfig, DeepSpeedSettings or None): keyword options over a ZeroConfig, or over a DeepSpeed config
+    (dict, JSON path or parsed settings) read strictly, its "auto"s resolved from the model (ds_config.py)."""
+    if config is None or isinstance(config, ZeroConfig):
+        return ZeroConfig.from_kwargs(config, **options), None
+    settings = config if isinstance(config, DeepSpeedSettings) else \
+        parse_deepspeed(config, world_size=world_size, model=model, options=options)
+    return ZeroConfig.from_kwargs(settings.zero, **options), settings
+
+
 def _release_at_exit(ref) -> None:
     opt = ref()
     if opt is not None and not getattr(opt, "_closed", False):
         opt._finish(raise_errors=False)
+
+
+def _counter(name: str, doc: str) -> property:
+    """A training counter kept by the Stepper, readable and settable on the optimizer."""
+    return property(lambda self: getattr(self.stepper, name), lambda self, v: setattr(self.stepper, name, v), doc=doc)
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -78,7 +94,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     comm_timeout_s=1800, sync_module_states=True (every rank starts from rank 0's parameters and buffers);
     stage 3: unit_modules=None, param_persistence_threshold=100_000, reshard_after_forward=True,
     prefetch_bucket_size=50_000_000, max_live_parameters=1_000_000_000, offload_param=None | "cpu" | "nvme".
-    `config` may be a ZeroConfig, or a DeepSpeed config dict / JSON path; keyword options override it.
+    `config` may be a ZeroConfig, or a DeepSpeed config dict / JSON path, read strictly (ds_config.py: unknown
+    keys are errors, "auto"s are resolved from the model, keys not implemented are warned about once); keyword
+    options override it. Its `scheduler` section becomes `opt.lr_scheduler`, stepped by every step() that
+    updates; its batch sizes are `opt.train_micro_batch_size_per_gpu` and `opt.train_batch_size`.
     `param_groups` takes torch-style groups (tensors or parameter names).
 
     Gradient accumulation: call step() after every backward (it updates on every k-th call) or after k
@@ -100,9 +119,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, *, param_groups: Optional[Sequence[dict]] = None,
                  process_group=None, config: Union[None, ZeroConfig, dict, str] = None, **options):
-        cfg = config if isinstance(config, ZeroConfig) else (
-            ZeroConfig.from_deepspeed(config) if config is not None else None)
-        cfg = ZeroConfig.from_kwargs(cfg, **options)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"ZeroOptimizer takes the model (a torch.nn.Module), not {type(model).__name__}: "
                             "write ZeroOptimizer(model, ...), not ZeroOptimizer(model.parameters(), ...); give "
@@ -112,6 +128,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "first (launch with `torchrun --nproc_per_node N script.py`; a single process "
                                "can use init_process_group('gloo', init_method='tcp://127.0.0.1:29500', rank=0, "
                                "world_size=1)).")
+        cfg, self.ds_settings = _read_config(config, options, model, dist.get_world_size(process_group))
         self.config, self.model = cfg, model
         self.comm = Collectives(process_group, cfg.comm_timeout_s, cfg.collective_strategy)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
@@ -137,19 +154,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.store = make_store(self.units, self.comm, cfg, device=self.device, compute_dtype=self.compute_dtype,
                                 reduce_dtype=self.reduce_dtype)
         self.shard_offsets = self.store.offsets
-        self.residency = self._make_residency() if cfg.stage == 3 else None
-        # From here on the engine's and autograd's large host tensors come from the block cache (host_memory.py):
-        # the unit buffers made below, and the full values a ZeroInit model's units are rebuilt into one at a
-        # time, which glibc's heap would keep as holes (~0.7 GB per rank for a 380M-param bf16 model).
-        self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
-        self._materialize(named_all)
-        if self._uses_host_cache:
-            host_memory.trim()                 # construction's temporaries are gone: do not keep their blocks
         self._fixed_hooks = []
         try:
+            self.residency = self._make_residency() if cfg.stage == 3 else None
+            # From here on the engine's and autograd's large host tensors come from the block cache
+            # (host_memory.py): the unit buffers made below, and the full values a ZeroInit model's units are
+            # rebuilt into one at a time, which glibc's heap would keep as holes (~0.7 GB per rank for a
+            # 380M-param bf16 model).
+            self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
+            self._materialize(named_all)
+            if self._uses_host_cache:
+                host_memory.trim()             # construction's temporaries are gone: do not keep their blocks
             self._wire(model, trainable, groups)
         except BaseException:
-            self._release()                    # a half-built optimizer leaves no hook and no cache share
+            self._release()                    # a half-built optimizer leaves no hook, files or cache share
             raise
         self._constructed = True
         self._closed = False
@@ -261,6 +279,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stepper = Stepper(units=self.units, store=self.store, reducer=self.reducer, schedule=self.schedule,
                                phases=self.phases, loss_scaler=self.loss_scaler, param_groups=self.param_groups,
                                config=cfg, mixed=self.mixed, num_params=len(trainable), device=self.device)
+        # A DeepSpeed config's scheduler section: stepped by step() after every update, like DeepSpeed's engine.
+        self.lr_scheduler = self.ds_settings.build_lr_scheduler(self) if self.ds_settings is not None else None
         self.full_params = FullParameters(model, self.units, self.comm, self.store, self.schedule, self.residency)
         self._bindings = Bindings(model, self.units, self.store, self.reducer, self.wait_for_params,
                                   self.residency.expected_data_ptr if self.residency is not None else None)
@@ -291,13 +311,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
     exp_avg = property(lambda self: self.store.exp_avg, doc="Adam's first moment over this rank's shards")
     exp_avg_sq = property(lambda self: self.store.exp_avg_sq, doc="Adam's second moment over this rank's shards")
     grad_store = property(lambda self: self.store.grad_store, doc="reduced gradient shards kept between steps")
-    global_steps = property(lambda self: self.stepper.global_steps, doc="optimizer steps taken (not skipped)")
-    skipped_steps = property(lambda self: self.stepper.skipped_steps, doc="steps skipped for an fp16 overflow")
-    global_grad_norm = property(lambda self: self.stepper.global_grad_norm,
-                                doc="the last step's global gradient norm, before clipping (inf: overflow)")
-    param_steps = property(lambda self: self.stepper.param_steps, doc="Adam's step count per trainable parameter")
+    global_steps = _counter("global_steps", "optimizer steps taken (not skipped)")
+    skipped_steps = _counter("skipped_steps", "steps skipped for an fp16 overflow")
+    global_grad_norm = _counter("global_grad_norm", "the last step's global gradient norm, before clipping (inf: "
+                                "overflow)")
+    param_steps = _counter("param_steps", "Adam's step count per trainable parameter")
     _param_staging = property(lambda self: self.store.staging)
     _pending = property(lambda self: self.schedule.pending)
+
+    @property
+    def train_micro_batch_size_per_gpu(self) -> Optional[int]:
+        """The DeepSpeed config's micro-batch size per rank (None without one): size your data loader by it."""
+        return self.ds_settings.micro_batch_size if self.ds_settings is not None else None
+
+    @property
+    def train_batch_size(self) -> Optional[int]:
+        """The DeepSpeed config's global batch size: micro-batch x accumulation steps x world size."""
+        return self.ds_settings.train_batch_size if self.ds_settings is not None else None
 
     @property
     def loss_scale(self) -> float:
@@ -366,7 +396,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._deferred_step = False
         if self._uses_host_cache:
             host_memory.end_step()
-        self.stepper.run()
+        if self.stepper.run() and self.lr_scheduler is not None:
+            self.lr_scheduler.step()      # not after a skipped (overflow) step, as DeepSpeed
         return None
 
     def wait_for_params(self) -> None:
@@ -476,8 +507,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Write this rank's shards, one manifest and `latest` under ckpt_dir/tag (default
         "global_step{N}"), crash-safe: a crash or full disk midway leaves the previous checkpoints loadable
         ([Note: checkpoint layout] in checkpoint.py). Every rank must call it. client_state: tensors and plain
-        Python data (loaded with weights_only=True); lr_scheduler: its state_dict() is saved too. Returns the
-        checkpoint's folder.
+        Python data (loaded with weights_only=True); lr_scheduler (default: the config's, opt.lr_scheduler): its
+        state_dict() is saved too. Returns the checkpoint's folder.
 
         async_save=True returns once the shards are copied to host memory; the files are written in the
         background and the checkpoint is committed (manifest, `latest`) at the next save_checkpoint,
@@ -487,7 +518,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         >>> # opt.save_checkpoint("ckpt", client_state={"epoch": 3}, lr_scheduler=sched, async_save=True)
         """
         from .checkpoint import save
-        return save(self, ckpt_dir, tag, client_state=client_state, lr_scheduler=lr_scheduler,
+        return save(self, ckpt_dir, tag, client_state=client_state, lr_scheduler=lr_scheduler or self.lr_scheduler,
                     async_save=async_save)
 
     def wait_for_checkpoint(self) -> None:
@@ -503,7 +534,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         checks every tensor against the manifest's crc32; a missing, truncated, corrupt or mismatched checkpoint
         raises the same error on every rank, naming the file or parameter, and nothing is loaded."""
         from .checkpoint import load
-        return load(self, ckpt_dir, tag, lr_scheduler=lr_scheduler)
+        return load(self, ckpt_dir, tag, lr_scheduler=lr_scheduler or self.lr_scheduler)
 
     # ------------------------------------------------------------------------------------- full parameters
     @contextlib.contextmanager
