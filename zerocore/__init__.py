@@ -16,7 +16,11 @@ def __getattr__(name):
     if name == "consolidate":
         from .zero.consolidate import consolidate
         return consolidate
+    if name in ("estimate_memory", "MemoryEstimate"):
+        from . import estimate
+        return getattr(estimate, name)
     raise AttributeError(f"module 'zerocore' has no attribute {name!r}")
 
 
-__all__ = ["ZeroOptimizer", "ZeroInit", "consolidate", "gathered_parameters", "load_partitioned", "__version__"]
+__all__ = ["ZeroOptimizer", "ZeroInit", "consolidate", "estimate_memory", "MemoryEstimate", "gathered_parameters",
+           "load_partitioned", "__version__"]

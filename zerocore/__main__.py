@@ -1,6 +1,7 @@
 """Command line: `python -m zerocore report` (environment and op table), `python -m zerocore build [OP ...]`
 (compile op libraries into the cache now), `python -m zerocore consolidate CKPT OUT` (a checkpoint's full model
-state dict as safetensors files)."""
+state dict as safetensors files), `python -m zerocore estimate` (per-rank memory of every ZeRO stage and offload
+choice, from a number of parameters or a transformers config)."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,30 @@ def main(argv=None) -> int:
     cons.add_argument("--tag", help="checkpoint tag (default: the one in CKPT/latest)")
     cons.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     cons.add_argument("--max-shard-size", type=float, default=5e9, help="bytes per output file (default 5e9)")
+    est = commands.add_parser(
+        "estimate", help="per-rank device, host and NVMe memory of every ZeRO stage and offload choice",
+        description="Print the per-rank memory (GiB) of ZeRO stages 1-3 (and plain data parallelism) with and "
+        "without offload: by the ZeRO formula for --params, exactly as ZeroOptimizer lays it out for --model "
+        "(built on the meta device: nothing is downloaded but the config, nothing allocated).")
+    what = est.add_mutually_exclusive_group(required=True)
+    what.add_argument("--params", type=float, help="number of trainable parameters, e.g. 7e9")
+    what.add_argument("--model", help="a transformers config: path of a config.json (or its folder), or a hub "
+                      "name (needs network); needs `pip install transformers`")
+    est.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs)")
+    est.add_argument("--stage", type=int, choices=(0, 1, 2, 3), help="one stage (0: no ZeRO); default: all")
+    est.add_argument("--offload-optimizer", choices=("cpu", "nvme"), help="fp32 masters and Adam state there")
+    est.add_argument("--offload-param", choices=("cpu", "nvme"), help="stage 3 parameter shards there")
+    est.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="compute dtype "
+                     "(bf16/fp16 keep fp32 masters; default fp32)")
+    est.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the model trains "
+                     "(default cuda)")
+    est.add_argument("--largest-layer", type=float, help="with --params: elements of the largest layer "
+                     "(stage 3's working set; default: prefetch_bucket_size)")
     args = parser.parse_args(argv)
+
+    if args.command == "estimate":
+        from .estimate import main as estimate_main
+        return estimate_main(args)
 
     if args.command == "consolidate":
         import torch
