@@ -47,8 +47,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["zerocore", "zerocore.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "ninja", "pybind11", "safetensors>=0.4"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    install_requires=["torch>=2.4", "numpy", "ninja", "pybind11", "safetensors>=0.4", "tqdm"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "accelerate"],
+                    "hf": ["transformers", "accelerate"]},
     cmdclass={"build_py": BuildPyWithSources},
     entry_points={"console_scripts": ["zerocore=zerocore.__main__:main"]},
 )
