@@ -39,6 +39,7 @@ CONFIGS = {
     "zero3_offload": {"stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
     "zero3_no_reshard": {"stage": 3, "reshard_after_forward": False},
     "zero3_prefetch1": {"stage": 3, "prefetch_bucket_size": 1},     # one unit ahead instead of 5e7 elements
+    "zero3_inflight1": {"stage": 3, "max_inflight_reductions": 1},
     # NVMe optimizer state (DeepSpeed's defaults: buffer_count 4, sub_group_size 1e9 -> 1/16 of the state each)
     # under ZEROCORE_BENCH_NVME_PATH (default: the temp folder).
     "zero2_nvme": {"stage": 2, "offload_optimizer": "nvme"},

@@ -253,7 +253,7 @@ def _row(lay: _Layout, cfg, stage: int, device: str, frozen_bytes: int) -> dict:
             put("nvme_buffer_bytes", nvme["nvme_buffer_bytes"], "host")
             put("nvme_param_buffer_bytes", nvme["nvme_param_buffer_bytes"], "host")
             loc["nvme"] += nvme["nvme_bytes"]
-        buckets = 0 if in_place else (cfg.max_inflight_reductions + 1) * lay.biggest * rit
+        buckets = 0 if in_place else (cfg.inflight_reductions + 1) * lay.biggest * rit
         gathered = lay.working_set * it if stage == 3 else 0
     row["nvme_bytes"] = nvme["nvme_bytes"]
     row["model_states"] = sum(row[k] for k in ("params", "gradients", "master", "optimizer_state", "staging"))
@@ -298,7 +298,7 @@ def estimate_memory(model_or_num_params: Union[torch.nn.Module, int, float], wor
     All trainable parameters are taken as one parameter group (ZeroOptimizer's param_groups may split units).
 
     Exact for a module: every model-state key, by_location and the NVMe figures. Upper bounds:
-      - pooled_buckets: (max_inflight_reductions + 1) x the biggest unit in the reduce dtype, the most the
+      - pooled_buckets: (max_inflight_reductions (default 2; stage 3: 1) + 1) x the biggest unit in the reduce dtype, the most the
         bucket pool keeps (0 for stage 1, which reduces in place); a run keeps as many as its backward had live,
         and on gloo a unit whose gradient is reduced directly needs a smaller one.
       - peak_gathered_params (stage 3): the model's own units, the largest chain of nested unit-owning modules,

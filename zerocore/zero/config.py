@@ -71,7 +71,10 @@ class ZeroConfig:
     sync_module_states: at construction, broadcast rank 0's parameters and buffers to every rank (as DDP does
         and FSDP's option of this name); False instead checks that every rank holds the same values and
         raises naming the first parameter that differs.
-    max_inflight_reductions: stage 2: units whose reduction may be in flight at once (bounds bucket memory).
+    max_inflight_reductions: units whose reduction may be in flight at once while backward runs (each holds a
+        unit-sized bucket, or on gloo the unit's big gradient). None: 2 for stages 1 and 2, 1 for stage 3
+        (measured on the bench MLP, bench/results/zero.md: stage 3 is as fast with one, whose backward also
+        waits for each unit's gather, and 32 MiB per rank lighter; stage 2 is 5-8% slower with one).
     host_block_cache: models on the host (CPU training): while this optimizer is open, serve CPU tensors of
         1 MiB and more from zerocore's block cache (zerocore/zero/host_memory.py), which reuses freed blocks by
         size, like torch's CUDA caching allocator does on the GPU. Measured on the bench MLP
@@ -101,7 +104,7 @@ class ZeroConfig:
     param_buffer_count: int = 5
     sub_group_size: int = 1_000_000_000
     comm_timeout_s: float = 1800.0
-    max_inflight_reductions: int = 2
+    max_inflight_reductions: Optional[int] = None
     collective_strategy: Optional[str] = None
     host_block_cache: bool = True
     sync_module_states: bool = True
@@ -176,14 +179,21 @@ class ZeroConfig:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
             set_(name, int(v))
         _positive("comm_timeout_s", self.comm_timeout_s)
-        if self.max_inflight_reductions < 1:
-            raise ValueError(f"max_inflight_reductions={self.max_inflight_reductions} must be >= 1")
+        inflight = self.max_inflight_reductions
+        if inflight is not None and (isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1):
+            raise ValueError(f"max_inflight_reductions={inflight!r} must be an integer >= 1 (or None: the stage's "
+                             "default)")
         for flag in ("host_block_cache", "sync_module_states", "overlap_comm", "adamw", "reshard_after_forward"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
         if self.collective_strategy not in (None, "all_reduce", "scatter_gather"):
             raise ValueError(f"collective_strategy={self.collective_strategy!r}: use None (choose per backend), "
                              "'all_reduce' or 'scatter_gather'")
+
+    @property
+    def inflight_reductions(self) -> int:
+        """max_inflight_reductions, or its default for this stage."""
+        return self.max_inflight_reductions or (1 if self.stage == 3 else 2)
 
     @property
     def is_fp16(self) -> bool:

@@ -75,6 +75,7 @@ class ParamHooks:
             self._hooks.append(m.register_forward_pre_hook(self._pre_forward))
             self._hooks.append(m.register_forward_hook(self._post_forward))
         self._backward_recorded = False
+        self._early: set = set()                   # units whose gathers start during the step's update
         reducer.on_unit_complete = self._unit_complete
         reducer.on_backward_end = self._backward_end
 
@@ -175,10 +176,9 @@ class ParamHooks:
                 return k
         return None
 
-    def _prefetch(self, order, start: int) -> None:
-        """Gather the next units within the budgets; past them, read ahead the shards of the units after
-        that from NVMe (offload_param="nvme") while buffers last. Every NVMe read (the gathers' own first)
-        is issued before the first gather starts, so the reads overlap each other."""
+    def _plan_prefetch(self, order, start: int):
+        """The sharded units to gather next along `order` within the budgets (counted as prefetched from now
+        on), the first one past them (None: none), and the candidates after it."""
         candidates = (i for k in range(start, len(order)) for i in self.units_of[order[k]]
                       if self.res.state[i] is ParamState.SHARDED)
         gathers, planned, rest = [], 0, None
@@ -194,6 +194,13 @@ class ParamHooks:
             self.prefetched[i] = numel
             planned += numel
             gathers.append(i)
+        return gathers, rest, candidates
+
+    def _prefetch(self, order, start: int) -> None:
+        """Gather the next units within the budgets; past them, read ahead the shards of the units after
+        that from NVMe (offload_param="nvme") while buffers last. Every NVMe read (the gathers' own first)
+        is issued before the first gather starts, so the reads overlap each other."""
+        gathers, rest, candidates = self._plan_prefetch(order, start)
         for i in gathers:
             self.res.stage_in(i)
         if rest is not None and self.res.stage_in(rest):
@@ -252,21 +259,44 @@ class ParamHooks:
         self.forward_calls = 0
 
     def before_update(self) -> None:
-        """The shards are about to change (step, load): every partitioned unit is freed first."""
+        """The shards are about to change (step, load): every partitioned unit is freed first, and a new
+        window starts whether or not the step updates (gather log, units used)."""
         self.res.wait_all()
         self.free_all()
+        self.new_window()
+
+    def update_order(self) -> List[int]:
+        """Persistent units first (refreshed at once after a step), then the units the next forward will
+        prefetch first (their gathers start as their updates end), then the rest."""
+        persistent = [u.index for u in self.units if u.persistent]
+        self._early = set()
+        early = []
+        if self.recorded and self.res.nvme_shards is None and not self.held:
+            early, _, _ = self._plan_prefetch(self.forward_order, 0)
+            self._early = set(early)
+        rest = [u.index for u in self.units if not u.persistent and u.index not in self._early]
+        return persistent + early + rest
+
+    def unit_updated(self, i: int) -> None:
+        """Unit i's shard holds its new values: refresh it now if it is persistent or prefetched first."""
+        if self.units[i].persistent or i in self._early:
+            self.res.start(i)
 
     def after_update(self, updated: bool) -> None:
-        """A new window starts whether or not the step updated (gather log, held gathered() units)."""
         self.launch()
+        self._early = set()
 
     def launch(self) -> None:
-        """After a step: refresh the persistent units (small: waited for at once, so a submodule called
-        directly or code reading them sees current values), then prefetch the next forward's first units."""
+        """After a step: refresh the persistent units not refreshed during the update (small: waited for at
+        once, so a submodule called directly or code reading them sees current values), then prefetch the next
+        forward's first units."""
         sync_device(self.units)
-        self.new_window()
-        self.res.refresh_persistent()
-        self.res.wait_all()
+        for u in self.units:
+            if u.persistent and u.index not in self.res.pending:
+                self.res.start(u.index)
+        for u in self.units:
+            if u.persistent:
+                self.res.ensure(u.index)
         for held in self.held:                     # units open gathered() contexts hold
             for i in held:
                 self.res.ensure(i)

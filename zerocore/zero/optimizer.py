@@ -261,7 +261,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.store.allocate_grad_store()   # after the block cache took over: it serves this buffer too
         self.reducer = GradReducer(self.units, self.comm, stage=cfg.stage, grad_dtype=self.compute_dtype,
                                    reduce_dtype=self.reduce_dtype, accumulation_steps=cfg.gradient_accumulation_steps,
-                                   overlap=cfg.overlap_comm, max_inflight=cfg.max_inflight_reductions,
+                                   overlap=cfg.overlap_comm, max_inflight=cfg.inflight_reductions,
                                    shard_store=self.store.grad_store, shard_offsets=self.shard_offsets,
                                    num_params=len(trainable), phases=self.phases)
         self.reducer.attach()

@@ -99,19 +99,27 @@ class GatherSchedule:
         """The shards are about to change: no gather may still be writing the buffers."""
         self.wait_all()
 
+    def update_order(self) -> List[int]:
+        """The order the units are gathered in: forward order, else reversed units (before the first step's
+        agreement every rank uses the same fallback)."""
+        return list(self.order) if self.order_agreed else list(range(len(self.units) - 1, -1, -1))
+
+    def unit_updated(self, i: int) -> None:
+        """Unit i's shard holds its new values (the update goes on with the next units): start its gather."""
+        u = self.units[i]
+        self.pending[i] = self.comm.gather(u.flat, u.shard_numel,
+                                           f"unit {i} parameters ({u.numel} elements, {u.flat.dtype})")
+
     def after_update(self, updated: bool) -> None:
         if updated:
             self.launch()
 
     def launch(self) -> None:
-        """Start every unit's gather (forward order, else reversed units: before the first step's agreement
-        every rank uses the same fallback)."""
+        """Start the gather of every unit whose gather was not started during the update."""
         sync_device(self.units)
-        order = self.order if self.order_agreed else range(len(self.units) - 1, -1, -1)
-        for i in order:
-            u = self.units[i]
-            self.pending[i] = self.comm.gather(u.flat, u.shard_numel,
-                                               f"unit {i} parameters ({u.numel} elements, {u.flat.dtype})")
+        for i in self.update_order():
+            if i not in self.pending:
+                self.unit_updated(i)
         if not self.overlap:
             self.wait_all()
 

@@ -9,6 +9,9 @@ Otherwise the fused Adam op runs over all of this rank's shards of a parameter g
 (masters, m, v, the reduced gradient shard and, in mixed precision, the low-precision parameter shard it writes
 in the same pass), with the averaging, loss-scale and clipping factors folded into its grad_scale. Parameters no
 rank produced a gradient for are left untouched and keep their own step count, as torch.optim does.
+On the CPU with the state in memory the update goes one unit at a time, in the order the schedule will gather
+the units (schedule.update_order(): the next forward's order), and each unit's gather starts as soon as its own
+update is done, overlapping the updates of the units after it.
 """
 from __future__ import annotations
 
@@ -75,17 +78,32 @@ def segments(u: Unit, got: List[bool], param_steps: List[int]) -> Iterator[Tuple
 
 
 def adam_update(units: List[Unit], store: StateStore, param_groups: List[dict], shards: List[torch.Tensor],
-                got: List[bool], param_steps: List[int], grad_scale: float, *, adamw: bool, mixed: bool) -> None:
+                got: List[bool], param_steps: List[int], grad_scale: float, *, adamw: bool, mixed: bool,
+                unit_order: Optional[List[int]] = None, on_unit_done=None) -> None:
     """Fused Adam over every owned run that got a gradient, one state window at a time ([Note: state windows]
     in state_store.py: one window in memory, sub-groups on NVMe); updated values end up in the parameters'
-    shards. On NVMe the update commits on every rank or raises on all (swapper.py)."""
+    shards. On NVMe the update commits on every rank or raises on all (swapper.py).
+
+    With `unit_order` (one window in memory only) the units are updated one at a time in that order and
+    on_unit_done(i) is called as soon as unit i's shard holds its new values, so its gather can start while
+    the next units are updated ([Note: step])."""
     runs = [(u, lo, hi, step) for u in units for lo, hi, step in segments(u, got, param_steps)]
     spans = [(store.offsets[u.index] + lo, store.offsets[u.index] + hi) for u, lo, hi, _ in runs]
     scale_t = torch.tensor([grad_scale], dtype=torch.float32, device=store.device)
     found_inf = torch.zeros(1, dtype=torch.float32, device=store.device)
     with store.update(store.windows_meeting(spans)) as windows:
-        for w in windows:
-            _adam_window(w, runs, spans, store, param_groups, shards, scale_t, found_inf, adamw=adamw, mixed=mixed)
+        if unit_order is None:
+            for w in windows:
+                _adam_window(w, runs, spans, store, param_groups, shards, scale_t, found_inf, adamw=adamw,
+                             mixed=mixed)
+            return
+        (w,) = list(windows) or [None]
+        for i in unit_order:
+            mine = [k for k, run in enumerate(runs) if run[0].index == i]
+            if mine and w is not None:
+                _adam_window(w, [runs[k] for k in mine], [spans[k] for k in mine], store, param_groups, shards,
+                             scale_t, found_inf, adamw=adamw, mixed=mixed)
+            on_unit_done(i)
 
 
 def _adam_window(w, runs, spans, store: StateStore, param_groups, shards, scale_t, found_inf, *, adamw: bool,
@@ -173,8 +191,13 @@ class Stepper:
         norm = global_norm(total_sq, divisor)
         self.global_grad_norm = norm
         coef = clip_coefficient(norm, cfg.gradient_clipping)
+        # Gathers start per unit as its update ends, where that is safe: one state window in memory (on NVMe the
+        # update commits on all ranks or none, so nothing may be gathered before it), on the CPU (a GPU gather
+        # would first need the update's stream synchronized per unit).
+        pipelined = self.store.home == "memory" and self.device.type == "cpu"
         adam_update(self.units, self.store, self.param_groups, shards, got, self.param_steps, coef / divisor,
-                    adamw=cfg.adamw, mixed=self.mixed)
+                    adamw=cfg.adamw, mixed=self.mixed, unit_order=sched.update_order() if pipelined else None,
+                    on_unit_done=sched.unit_updated)
         for i, g in enumerate(got):
             if g:
                 self.param_steps[i] += 1
