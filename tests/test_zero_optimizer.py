@@ -54,6 +54,21 @@ def test_needs_the_module_not_its_parameters(single_rank_group):
         ZeroOptimizer(m.parameters())
 
 
+def test_a_model_run_by_ddp_is_refused_before_gradients_go_wrong(single_rank_group):
+    """transformers' Trainer given a ZeroOptimizer wraps the model in DDP: the first forward says so."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = torch.nn.Linear(4, 2)
+    opt = ZeroOptimizer(model, stage=2)
+    try:
+        with pytest.raises(RuntimeError, match="runs inside DistributedDataParallel.*ZeroTrainer"):
+            DDP(model)(torch.randn(3, 4))
+        opt.backward(model(torch.randn(3, 4)).sum())         # the model itself still trains
+        opt.step()
+        assert opt.global_steps == 1
+    finally:
+        opt.close()
+
+
 def test_single_process_hint_works_as_written(tmp_path):
     """The hint in the 'needs torch.distributed' error must run as written (no MASTER_ADDR/MASTER_PORT set)."""
     import subprocess

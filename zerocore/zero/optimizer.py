@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from . import host_memory, init as zero_init, state_dict as sd_format
 from .bindings import Bindings
@@ -285,7 +286,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._bindings = Bindings(model, self.units, self.store, self.reducer, self.wait_for_params,
                                   self.residency.expected_data_ptr if self.residency is not None else None)
         self._fixed_hooks = [
-            model.register_forward_pre_hook(lambda *a: self._bindings.check(), prepend=True),
+            model.register_forward_pre_hook(lambda *a: self._before_forward(), prepend=True),
             model.register_state_dict_pre_hook(lambda *a, **k: self.wait_for_params())]
         if cfg.stage == 3:
             self._fixed_hooks.append(model.register_state_dict_post_hook(
@@ -339,6 +340,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self.reducer.micro_steps
 
     # ------------------------------------------------------------------------------------------ training
+    def _before_forward(self) -> None:
+        """Every forward of the model: it is not run by DDP, and its parameters still live in the engine."""
+        ddp = DistributedDataParallel._get_active_ddp_module()
+        if ddp is not None and ddp.module is self.model:
+            raise RuntimeError(
+                "zerocore: the model given to ZeroOptimizer runs inside DistributedDataParallel (wrapped by you, or "
+                "by transformers' Trainer / accelerate): ZeroOptimizer is the data parallelism, so DDP would "
+                "all-reduce every gradient a second time and clip gradients the ranks no longer hold. Call the "
+                "model itself; with transformers' Trainer use zerocore.integrations.transformers.ZeroTrainer.")
+        self._bindings.check()
+
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward() with the loss scale applied (fp16) and the engine's bookkeeping."""
         self.comm._check_open()
