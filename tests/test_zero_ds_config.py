@@ -496,6 +496,11 @@ def _opt(config, model=None, **kw):
         return model, ZeroOptimizer(model, config=config, **kw)
 
 
+def test_mics_shard_size_is_shard_group_size():
+    assert parse_quietly({"zero_optimization": {"stage": 3, "mics_shard_size": 8}}, world_size=16).zero.shard_group_size == 8
+    assert parse_quietly({"zero_optimization": {"mics_shard_size": -1}}, world_size=16).zero.shard_group_size is None
+
+
 def test_key_groups_change_the_engine(single_rank_group):
     """Each key group reaches the engine: unit count, persistence, offload, overlap, accumulation, precision."""
     _, a = _opt({"zero_optimization": {"stage": 2, "reduce_bucket_size": 600}})

@@ -148,15 +148,26 @@ def save(opt, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_schedul
     failure in the background raises at that next call, on every rank, naming the checkpoint."""
     finish_pending(opt)
     pending = _start(opt, ckpt_dir, tag, client_state, lr_scheduler)
-    if async_save and pending.error is None:
-        pending.thread = threading.Thread(target=_write, args=(opt.rank, opt.world_size, pending),
+    # With shard groups the replicas hold the same shards: the first shard group writes them, one file per
+    # shard ([Note: shard groups] in collectives.py).
+    comm = opt.comm
+    if async_save and pending.error is None and _writes(opt):
+        pending.thread = threading.Thread(target=_write, args=(comm.shard_rank, comm.shard_size, pending),
                                           name=f"zerocore-save-{pending.tag}", daemon=True)
         pending.thread.start()
         opt._pending_save = pending
         return pending.final
-    if pending.error is None:
-        _write(opt.rank, opt.world_size, pending)
+    if pending.error is None and _writes(opt):
+        _write(comm.shard_rank, comm.shard_size, pending)
+    if async_save:
+        opt._pending_save = pending      # (nothing to write here: the commit is still every rank's)
+        return pending.final
     return _commit(opt, pending)
+
+
+def _writes(opt) -> bool:
+    """Whether this rank writes its shards (the first replica of each shard does)."""
+    return opt.comm.replica_index == 0
 
 
 def finish_pending(opt) -> None:
@@ -166,7 +177,8 @@ def finish_pending(opt) -> None:
     if pending is None:
         return
     opt._pending_save = None
-    pending.thread.join()
+    if pending.thread is not None:
+        pending.thread.join()
     _commit(opt, pending, background=True)
 
 
@@ -182,9 +194,11 @@ def _start(opt, ckpt_dir, tag, client_state, lr_scheduler) -> PendingSave:
     check_tag(tag)
     pending = PendingSave(root, tag, root / f".{tag}.partial-{plan[0]['uid']}", root / tag)
     try:
-        pending.sd = sd = opt.state_dict()          # host copies: training may change the originals now
         if pending.final.exists():
             raise FileExistsError(f"checkpoint {pending.final} already exists: pass another tag or remove it first")
+        if not _writes(opt):
+            return pending
+        pending.sd = sd = opt.state_dict()          # host copies: training may change the originals now
         for name, e in sd["params"].items():
             pending.params[name] = {"shape": list(e["shape"]), "start": e["start"], "end": e["end"],
                                     "step": e["step"], "crc32": {}}
@@ -252,14 +266,14 @@ def _commit(opt, pending: PendingSave, background: bool = False) -> Path:
     if not errors and opt.rank == 0:
         renamed = False
         try:
-            files = [x["info"] for x in everyone]
+            files = [x["info"] for x in everyone if x["info"]]      # the writers', in rank order
             for f in files:             # every rank wrote into this folder (a shared file system), completely
                 got = (staging / f["file"]).stat().st_size if (staging / f["file"]).exists() else None
                 if got != f["size"]:
                     raise CheckpointError(f"{staging / f['file']} is {got} bytes on rank 0, its rank wrote "
                                           f"{f['size']}: ckpt_dir must be one folder shared by every rank")
             manifest = {"format": FORMAT, "zerocore_version": zerocore.__version__, "tag": tag,
-                        "world_size": opt.world_size, "stage": opt.config.stage,
+                        "world_size": opt.comm.shard_size, "stage": opt.config.stage,
                         "param_groups": sd["param_groups"], "loss_scaler": sd["loss_scaler"],
                         "global_steps": sd["global_steps"], "skipped_steps": sd["skipped_steps"],
                         **_state_dict_keys(opt.model), "extras": files[0].pop("extras"),

@@ -143,22 +143,85 @@ class Pending:
         return self.result
 
 
-class Collectives:
-    """The collectives a ZeRO engine needs, over one process group."""
+class Chained:
+    """Two collectives where the second reads the first's result (hierarchical reduction: the shard group's
+    reduction, then the replicas' all-reduce of the shard). The second starts as soon as the first is seen
+    complete, by is_completed() or wait(), so callers that poll their oldest work in order (the reducer) start
+    the second collectives in that order on every rank."""
 
-    def __init__(self, group=None, timeout_s: float = 1800.0, strategy: Optional[str] = None):
+    def __init__(self, first: Pending, then):
+        self.first, self.then, self.second = first, then, None
+
+    def _advance(self) -> None:
+        if self.second is None:
+            self.second = self.then(self.first.wait())
+
+    def is_completed(self) -> bool:
+        if self.second is None:
+            if not self.first.is_completed():
+                return False
+            self._advance()
+        return self.second.is_completed()
+
+    def wait(self) -> Optional[torch.Tensor]:
+        self._advance()
+        return self.second.wait()
+
+
+class Collectives:
+    """The collectives a ZeRO engine needs, over one process group.
+
+    [Note: shard groups]
+    With shard_group_size=k (< the group's N ranks, dividing it) the ranks form N/k shard groups of k
+    consecutive ranks (on one node under torchrun) and k replica groups (the ranks at the same place of every
+    shard group). A unit is sharded over its shard group only: `reduce` sums a unit within the shard group and
+    then all-reduces this rank's shard across its replica group (so every replica holds the same, fully
+    reduced shard), and `gather` stays inside the shard group: the slow links between nodes carry one shard
+    per unit and step instead of the whole unit. Everything else (the phase agreement, broadcasts, objects,
+    ZeroInit's pieces) spans all N ranks. Without it, the shard group is the whole group and there are no
+    replicas.
+    """
+
+    def __init__(self, group=None, timeout_s: float = 1800.0, strategy: Optional[str] = None,
+                 shard_group_size: Optional[int] = None):
         self.group = group                 # None = the default group, never held here (see [Note: teardown])
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
         self.strategy = strategy or default_strategy(self.backend)
         self.timeout_s = timeout_s
+        self._make_shard_groups(shard_group_size or self.world_size)
         self.closed = False
         self.uid = "unset"                 # same on every rank once the engine agreed on it (store keys)
         self._incidents = 0
         self._timeouts = 0
         self._releasing: List[tuple] = []  # (tensor, use count before launch, launch) the backend may hold
         self._launches = 0
+
+    def _make_shard_groups(self, k: int) -> None:
+        """This rank's shard group and replica group ([Note: shard groups]); every rank creates every group,
+        in the same order, as torch.distributed.new_group requires."""
+        n = self.world_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or n % k:
+            raise ValueError(f"shard_group_size={k!r} must divide the number of ranks ({n}): e.g. the GPUs of one "
+                             f"node, {', '.join(str(d) for d in range(1, n + 1) if n % d == 0)}")
+        self.shard_size, self.shard_rank, self.replicas = k, self.rank % k, n // k
+        self.replica_index = self.rank // k            # which shard group this rank is in
+        self.shard_group, self.replica_group, self._own_groups = self.group, None, []
+        if k == n:
+            return
+        if self.group is not None:
+            raise ValueError("shard_group_size works with the default process group only (it creates the shard "
+                             "and replica groups from it); leave process_group out")
+        for g in range(n // k):
+            pg = dist.new_group(list(range(g * k, (g + 1) * k)))
+            if g == self.replica_index:
+                self.shard_group = pg
+        for j in range(k):
+            pg = dist.new_group(list(range(j, n, k)))
+            if j == self.shard_rank:
+                self.replica_group = pg
+        self._own_groups = [self.shard_group, self.replica_group]
 
     # ------------------------------------------------------------------------------------ launch helpers
     def _pending(self, launch, result, what: str, tensors: Sequence[torch.Tensor]) -> Pending:
@@ -171,52 +234,69 @@ class Collectives:
         return Pending(self, work, result, what, held)
 
     def reduce(self, flat: torch.Tensor, shard_numel: int, what: str,
-               out: Optional[torch.Tensor] = None) -> Pending:
-        """Start summing `flat` (a unit, padded) over ranks; wait() gives this rank's reduced shard.
+               out: Optional[torch.Tensor] = None):
+        """Start summing `flat` (a unit, padded) over every rank; wait() gives this rank's reduced shard (of its
+        shard group's layout, [Note: shard groups]).
 
         With strategy all_reduce (or out=None under scatter_gather and an in-place capable backend) the shard
         is a view of `flat`; otherwise it is `out` (or a new tensor).
         """
         self._check_open()
-        lo = self.rank * shard_numel
-        if self.world_size == 1 or self.strategy == "all_reduce":
-            pending = self.all_reduce(flat, what)
-            pending.result = flat[lo:lo + shard_numel]
-            return pending
-        if out is None:
-            out = torch.empty(shard_numel, dtype=flat.dtype, device=flat.device)
-        return self._pending(lambda: _reduce_scatter(out, flat, group=self.group, async_op=True), out,
-                             f"reduce_scatter of {what}", (out, flat))
+        lo = self.shard_rank * shard_numel
+        if self.shard_size == 1 or self.strategy == "all_reduce":
+            first = self._all_reduce_over(self.shard_group, self.shard_size, flat, what)
+            first.result = flat[lo:lo + shard_numel]
+        else:
+            if out is None:
+                out = torch.empty(shard_numel, dtype=flat.dtype, device=flat.device)
+            first = self._pending(lambda: _reduce_scatter(out, flat, group=self.shard_group, async_op=True), out,
+                                  f"reduce_scatter of {what}", (out, flat))
+        if self.replicas == 1:
+            return first
+        return Chained(first, lambda shard: self._all_reduce_over(self.replica_group, self.replicas, shard,
+                                                                  f"{what}, this rank's shard across the replicas"))
 
     def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
-        """Start summing `t` over ranks in place; wait() gives `t`."""
+        """Start summing `t` over every rank in place; wait() gives `t`."""
+        return self._all_reduce_over(self.group, self.world_size, t, what)
+
+    def _all_reduce_over(self, group, size: int, t: torch.Tensor, what: str) -> Pending:
         self._check_open()
-        if self.world_size == 1:
+        if size == 1:
             return Pending(self, None, t, what)
-        return self._pending(lambda: dist.all_reduce(t, group=self.group, async_op=True), t,
+        return self._pending(lambda: dist.all_reduce(t, group=group, async_op=True), t,
                              f"all_reduce (reduction) of {what}", (t,))
 
     def gather(self, flat: torch.Tensor, shard_numel: int, what: str,
                src: Optional[torch.Tensor] = None) -> Pending:
-        """Start filling every rank's part of `flat` from its owner (this rank's part is already current;
-        `src`, if given, is a separate tensor equal to it, which the all_gather can read instead of a copy)."""
+        """Start filling every part of the unit `flat` from its owner in this rank's shard group (this rank's
+        part is already current; `src`, if given, is a separate tensor equal to it, which the all_gather can
+        read instead of a copy)."""
+        return self._gather_over(self.shard_group, self.shard_size, self.shard_rank, flat, shard_numel, what, src)
+
+    def gather_all(self, flat: torch.Tensor, shard_numel: int, what: str,
+                   src: Optional[torch.Tensor] = None) -> Pending:
+        """gather() over every rank of the group (flat in world_size parts; ZeroInit's pieces)."""
+        return self._gather_over(self.group, self.world_size, self.rank, flat, shard_numel, what, src)
+
+    def _gather_over(self, group, size: int, rank: int, flat: torch.Tensor, shard_numel: int, what: str,
+                     src: Optional[torch.Tensor]) -> Pending:
         self._check_open()
-        if self.world_size == 1:
+        if size == 1:
             return Pending(self, None, flat, what)
-        lo, hi = self.rank * shard_numel, (self.rank + 1) * shard_numel
+        lo, hi = rank * shard_numel, (rank + 1) * shard_numel
         if self.strategy == "all_reduce":
-            ranks = (list(range(self.world_size)) if self.group is None
-                     else dist.get_process_group_ranks(self.group))
-            parts = [flat[r * shard_numel:(r + 1) * shard_numel] for r in range(self.world_size)]
+            ranks = list(range(size)) if group is None else dist.get_process_group_ranks(group)
+            parts = [flat[r * shard_numel:(r + 1) * shard_numel] for r in range(size)]
             return self._pending(
-                lambda: [dist.broadcast(parts[r], src=ranks[r], group=self.group, async_op=True)
-                         for r in range(self.world_size)], flat, f"broadcast (gather) of {what}", parts)
+                lambda: [dist.broadcast(parts[r], src=ranks[r], group=group, async_op=True)
+                         for r in range(size)], flat, f"broadcast (gather) of {what}", parts)
         # NCCL gathers in place when the input is this rank's chunk of the output; gloo wants its own input.
         if self.backend == "nccl":
             src = flat[lo:hi]
         elif src is None or src.data_ptr() == flat[lo:hi].data_ptr():
             src = flat[lo:hi].clone()
-        return self._pending(lambda: _all_gather(flat, src, group=self.group, async_op=True), flat,
+        return self._pending(lambda: _all_gather(flat, src, group=group, async_op=True), flat,
                              f"all_gather of {what}", (flat, src))
 
     def broadcast(self, t: torch.Tensor, src: int, what: str) -> Pending:
@@ -365,8 +445,15 @@ class Collectives:
                                "create a new one to keep training")
 
     def close(self) -> None:
-        """Forget the process group (the engine issues no collective afterwards)."""
-        self.group = None
+        """Forget the process group and destroy the shard and replica groups this engine made (it issues no
+        collective afterwards)."""
+        for pg in self._own_groups:
+            try:
+                dist.destroy_process_group(pg)
+            except (RuntimeError, ValueError):    # already gone with the default group
+                pass
+        self._own_groups = []
+        self.group = self.shard_group = self.replica_group = None
         self.closed = True
         _UNSETTLED.extend(self._releasing)
         self._releasing = []

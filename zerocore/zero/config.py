@@ -75,6 +75,10 @@ class ZeroConfig:
         unit-sized bucket, or on gloo the unit's big gradient). None: 2 for stages 1 and 2, 1 for stage 3
         (measured on the bench MLP, bench/results/zero.md: stage 3 is as fast with one, whose backward also
         waits for each unit's gather, and 32 MiB per rank lighter; stage 2 is 5-8% slower with one).
+    shard_group_size: hierarchical sharding (FSDP2's HSDP, DeepSpeed's MiCS): shard over groups of this many
+        consecutive ranks (e.g. the GPUs of one node) and replicate across the groups; each unit is reduced
+        within its group and its shard then all-reduced across the groups, gathers stay inside the group, and
+        per-rank memory follows the ZeRO formula with this size in place of N. None: shard over all ranks.
     host_block_cache: models on the host (CPU training): while this optimizer is open, serve CPU tensors of
         1 MiB and more from zerocore's block cache (zerocore/zero/host_memory.py), which reuses freed blocks by
         size, like torch's CUDA caching allocator does on the GPU. Measured on the bench MLP
@@ -114,6 +118,7 @@ class ZeroConfig:
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
     offload_param: Optional[str] = None
+    shard_group_size: Optional[int] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -179,6 +184,10 @@ class ZeroConfig:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
             set_(name, int(v))
         _positive("comm_timeout_s", self.comm_timeout_s)
+        k = self.shard_group_size
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"shard_group_size={k!r} must be a positive integer that divides the number of ranks "
+                             "(or None: shard over all ranks)")
         inflight = self.max_inflight_reductions
         if inflight is not None and (isinstance(inflight, bool) or not isinstance(inflight, int) or inflight < 1):
             raise ValueError(f"max_inflight_reductions={inflight!r} must be an integer >= 1 (or None: the stage's "

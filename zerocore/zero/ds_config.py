@@ -39,6 +39,7 @@ Keys zerocore reads (unset: DeepSpeed's default unless said):
 | zero_optimization.overlap_comm | overlap_comm; unset: true at every stage (DeepSpeed: below stage 3 false, |
 | | as its overlap costs 4.5x the bucket memory; zerocore's does not) |
 | zero_optimization.sub_group_size | sub_group_size |
+| zero_optimization.mics_shard_size | shard_group_size when > 0 (MiCS: shard within groups, replicate across) |
 | zero_optimization.stage3_prefetch_bucket_size | prefetch_bucket_size |
 | zero_optimization.stage3_param_persistence_threshold | param_persistence_threshold |
 | zero_optimization.stage3_max_live_parameters | max_live_parameters |
@@ -88,7 +89,7 @@ in the warning; "error": other values are refused. `zero.` stands for zero_optim
 | zero.zero_hpz_partition_size | 1 | one partition group (no ZeRO++ hpZ) |
 | zero.zero_quantized_weights, zero_quantized_gradients | false | communicates in full precision (reduce_dtype) |
 | zero.zero_quantized_nontrainable_weights, zeropp_loco_param | false / off | communicates in full precision |
-| zero.mics_shard_size, mics_hierarchical_params_gather | -1 / false | shards over the whole group (no MiCS) |
+| zero.mics_hierarchical_params_gather | false | gathers inside the shard group in one step |
 | zero.leaf_module | off | give unit_modules= to ZeroOptimizer |
 | zero.zenflow | off | no ZenFlow |
 | zero.use_multi_rank_bucket_allreduce, log_trace_cache_warnings | any | DeepSpeed internals |
@@ -380,8 +381,8 @@ _ZERO = {
     "zero_quantized_nontrainable_weights": _same(False, _FULL_PRECISION),
     "zero_quantized_gradients": _same(False, _FULL_PRECISION),
     "zeropp_loco_param": _off(_FULL_PRECISION),
-    "mics_shard_size": _same(-1, "shards over the whole group (no MiCS)"),
-    "mics_hierarchical_params_gather": _same(False, "shards over the whole group (no MiCS)"),
+    "mics_shard_size": _to("mics_shard_size", _int),
+    "mics_hierarchical_params_gather": _same(False, "gathers inside the shard group in one step"),
     "leaf_module": _off("give unit_modules= to ZeroOptimizer"),
     "zenflow": _off("no ZenFlow"),
     "use_multi_rank_bucket_allreduce": _inert("DeepSpeed internal"),
@@ -807,6 +808,8 @@ def _assemble(r: _Reading, cfg: Mapping) -> Tuple[Dict[str, Any], Optional[Dict[
           if values.get(f) is not None}
     if values.get("overlap_comm") is not None:
         kw["overlap_comm"] = values["overlap_comm"]
+    if values.get("mics_shard_size", -1) > 0:           # DeepSpeed's -1 (or 0): no MiCS
+        kw["shard_group_size"] = values["mics_shard_size"]
     if values.get("stage") == 0:
         raise ValueError("DeepSpeed key zero_optimization.stage=0 (no ZeRO: plain data parallelism) is not a "
                          "zerocore stage: use 1, 2 or 3, or torch DDP")

@@ -169,7 +169,7 @@ def gather_full(p: torch.nn.Parameter, comm: Collectives) -> Optional[torch.Tens
                            "dtype=... to ZeroOptimizer instead of casting.")
     full = torch.empty(piece.chunk * piece.world_size, dtype=piece.shard.dtype, device=piece.shard.device)
     full[comm.rank * piece.chunk:(comm.rank + 1) * piece.chunk].copy_(piece.shard)
-    comm.gather(full, piece.chunk, f"a ZeroInit parameter {tuple(p.shape)}", src=piece.shard).wait()
+    comm.gather_all(full, piece.chunk, f"a ZeroInit parameter {tuple(p.shape)}", src=piece.shard).wait()
     del _PIECES[p]                      # only now: a failed gather leaves the piece to retry with
     return full[:piece.numel].view(p.shape)
 

@@ -1,6 +1,6 @@
 """Byte accounting of what a rank holds, the ZeRO formulas it is checked against, and host buffers.
 
-Formulas (Ψ trainable parameters, N ranks), model-state bytes per rank:
+Formulas (Ψ trainable parameters, N ranks; with shard_group_size=k, k in place of N), model-state bytes per rank:
     fp32:   stage 1  8Ψ + 8Ψ/N      (params 4Ψ, grads 4Ψ, Adam m+v 8Ψ/N; the fp32 params are the masters)
             stage 2  4Ψ + 12Ψ/N     (params 4Ψ, reduced grad shard 4Ψ/N, m+v 8Ψ/N)
             stage 3  16Ψ/N          (param shard 4Ψ/N, reduced grad shard 4Ψ/N, m+v 8Ψ/N)
@@ -88,7 +88,7 @@ def formula_bytes(stage: int, mixed: bool, psi: int, world_size: int) -> float:
 
 
 def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bool, psi: int, world_size: int,
-                  host_cache, peak_gathered: int = 0) -> dict:
+                  host_cache, peak_gathered: int = 0, shard_group_size: Optional[int] = None) -> dict:
     """Bytes a rank holds in parameters, gradients, fp32 masters, Adam state and pooled buckets, measured from
     the live tensors, beside the ZeRO formula for this stage and precision (ZeroOptimizer.memory_report)."""
     report = {
@@ -102,7 +102,7 @@ def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bo
         "staging": storage_bytes([store.staging]),
         "pooled_buckets": reducer.pool.free_bytes,
         "host_block_cache": host_cache,
-        "psi": psi, "world_size": world_size,
+        "psi": psi, "world_size": world_size, "shard_group_size": shard_group_size or world_size,
         "padding_elements": sum(u.padded_numel - u.numel for u in units),
         "stage": stage, "mixed_precision": mixed, "offload": offload,
         "grad_shard_dtype": str(store.grad_store.dtype) if store.grad_store is not None else None,
@@ -115,7 +115,7 @@ def memory_report(units, store, reducer, *, stage: int, mixed: bool, offload: bo
         [u.flat for u in units] + [u.shard for u in units] + list(reducer.held_gradient_tensors()) +
         [store.master, store.staging] + store.host_state_tensors() + store.swap_buffers()),
         nvme=report.get("nvme_bytes", 0))
-    report["formula"] = formula_bytes(stage, mixed, psi, world_size)
+    report["formula"] = formula_bytes(stage, mixed, psi, shard_group_size or world_size)
     report["note"] = ("stage 2 keeps the reduced gradient shard in the reduce dtype when "
                       "gradient_accumulation_steps == 1 and in fp32 when it is > 1; CPU offload of a GPU model "
                       "keeps a separate fp32 master on the host (+4Ψ/N with fp32 params; on a CPU model the fp32 "

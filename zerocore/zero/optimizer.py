@@ -131,7 +131,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "world_size=1)).")
         cfg, self.ds_settings = _read_config(config, options, model, dist.get_world_size(process_group))
         self.config, self.model = cfg, model
-        self.comm = Collectives(process_group, cfg.comm_timeout_s, cfg.collective_strategy)
+        self.comm = Collectives(process_group, cfg.comm_timeout_s, cfg.collective_strategy, cfg.shard_group_size)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
 
         named_all = list(model.named_parameters())
@@ -211,13 +211,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _build_units(self, trainable, group_of) -> List[Unit]:
         cfg = self.config
+        # Units are sharded over the shard group ([Note: shard groups] in collectives.py; all ranks by default).
+        k, r = self.comm.shard_size, self.comm.shard_rank
         if cfg.stage == 3:
             return build_module_units(self.model, trainable, group_of, bucket_size=cfg.bucket_size,
                                       unit_modules=cfg.unit_modules,
-                                      persistence_threshold=cfg.param_persistence_threshold,
-                                      world_size=self.world_size, rank=self.rank)
-        return build_units(trainable, group_of, bucket_size=cfg.bucket_size, world_size=self.world_size,
-                           rank=self.rank, module_of=registering_module(self.model, trainable))
+                                      persistence_threshold=cfg.param_persistence_threshold, world_size=k, rank=r)
+        return build_units(trainable, group_of, bucket_size=cfg.bucket_size, world_size=k, rank=r,
+                           module_of=registering_module(self.model, trainable))
 
     def _make_residency(self) -> Residency:
         """Stage 3: each rank keeps only its shards (on the host with offload_param="cpu", read from the NVMe
@@ -279,7 +280,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.schedule = GatherSchedule(model, self.units, self.comm, cfg.overlap_comm)
         self.stepper = Stepper(units=self.units, store=self.store, reducer=self.reducer, schedule=self.schedule,
                                phases=self.phases, loss_scaler=self.loss_scaler, param_groups=self.param_groups,
-                               config=cfg, mixed=self.mixed, num_params=len(trainable), device=self.device)
+                               config=cfg, mixed=self.mixed, num_params=len(trainable), device=self.device,
+                               replicas=self.comm.replicas)
         # A DeepSpeed config's scheduler section: stepped by step() after every update, like DeepSpeed's engine.
         self.lr_scheduler = self.ds_settings.build_lr_scheduler(self) if self.ds_settings is not None else None
         self.full_params = FullParameters(model, self.units, self.comm, self.store, self.schedule, self.residency)
@@ -584,5 +586,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.wait_for_params()
         return memory_report(self.units, self.store, self.reducer, stage=self.config.stage, mixed=self.mixed,
                              offload=self.offload, psi=self.psi, world_size=self.world_size,
+                             shard_group_size=self.comm.shard_size,
                              host_cache=host_memory.report() if self._uses_host_cache else None,
                              peak_gathered=self.residency.peak_live_bytes if self.residency is not None else 0)

@@ -377,7 +377,8 @@ def choose(units: List[Unit], comm, shard_views: Sequence[Optional[torch.Tensor]
         per_unit = [chosen] * len(units)
     else:
         itemsize = torch.empty((), dtype=grad_dtype).element_size()
-        can_direct = (comm.strategy == "all_reduce" and reduce_dtype == grad_dtype
+        # (Not with shard groups: a gradient all-reduced whole over every rank would cross the slow links whole.)
+        can_direct = (comm.strategy == "all_reduce" and reduce_dtype == grad_dtype and comm.replicas == 1
                       and all(u.flat.device.type == "cpu" for u in units))
         plans = {u.index: plan for u in units
                  for plan in [plan_direct(u, itemsize) if can_direct else None] if plan is not None}

@@ -148,9 +148,11 @@ class Stepper:
     (global_steps, skipped_steps, each parameter's Adam step count, the last global gradient norm)."""
 
     def __init__(self, *, units: List[Unit], store: StateStore, reducer, schedule, phases, loss_scaler,
-                 param_groups: List[dict], config, mixed: bool, num_params: int, device: torch.device):
+                 param_groups: List[dict], config, mixed: bool, num_params: int, device: torch.device,
+                 replicas: int = 1):
         self.units, self.store, self.reducer, self.schedule = units, store, reducer, schedule
         self.device = device                 # the model's
+        self.replicas = replicas             # ranks holding each shard (shard groups): each norm counted that often
         self.phases, self.loss_scaler, self.param_groups = phases, loss_scaler, param_groups
         self.config, self.mixed, self.num_params = config, mixed, num_params
         self.param_steps = [0] * num_params
@@ -176,7 +178,7 @@ class Stepper:
         sched.agree(rows[:, n:].cpu())
         # Summed in rank order, so every rank gets bit-identical totals (see [Note: phase agreement]).
         total = rows[:, :n].sum(0)
-        total_sq = float(total[0])
+        total_sq = float(total[0]) / self.replicas
         got = (total[1:] > 0).tolist()
         sched.check_used(got)
         sched.before_update()
