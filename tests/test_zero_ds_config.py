@@ -496,6 +496,11 @@ def _opt(config, model=None, **kw):
         return model, ZeroOptimizer(model, config=config, **kw)
 
 
+def test_steps_per_print_is_the_training_log_interval():
+    assert parse_quietly({"steps_per_print": 10}, world_size=2).zero.log_interval == 10
+    assert parse_quietly({}, world_size=2).zero.log_interval is None
+
+
 def test_mics_shard_size_is_shard_group_size():
     assert parse_quietly({"zero_optimization": {"stage": 3, "mics_shard_size": 8}}, world_size=16).zero.shard_group_size == 8
     assert parse_quietly({"zero_optimization": {"mics_shard_size": -1}}, world_size=16).zero.shard_group_size is None

@@ -126,6 +126,7 @@ class Pending:
         self.works = [] if work is None else (list(work) if isinstance(work, (list, tuple)) else [work])
         self.result, self.what = result, what
         self.tensors = list(held)     # (tensor, its use count before the launch) the backend holds ([Note: exit])
+        self.kind = "other"           # "reduction" / "gather": where Collectives.waited counts the wait
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self.works)
@@ -138,6 +139,7 @@ class Pending:
             except RuntimeError as e:
                 raise self.comm.explain_failure(self.what, e, time.monotonic() - started) from e
             self.works.pop(0)
+        self.comm.waited[self.kind] += time.monotonic() - started
         self.comm.retire(self.tensors)
         self.tensors = []
         return self.result
@@ -191,6 +193,8 @@ class Collectives:
         self.strategy = strategy or default_strategy(self.backend)
         self.timeout_s = timeout_s
         self._make_shard_groups(shard_group_size or self.world_size)
+        # Seconds spent blocked in wait() by kind of collective (the step-time breakdown of stats.py).
+        self.waited = {"reduction": 0.0, "gather": 0.0, "other": 0.0}
         self.closed = False
         self.uid = "unset"                 # same on every rank once the engine agreed on it (store keys)
         self._incidents = 0
@@ -251,14 +255,22 @@ class Collectives:
                 out = torch.empty(shard_numel, dtype=flat.dtype, device=flat.device)
             first = self._pending(lambda: _reduce_scatter(out, flat, group=self.shard_group, async_op=True), out,
                                   f"reduce_scatter of {what}", (out, flat))
+        first.kind = "reduction"
         if self.replicas == 1:
             return first
-        return Chained(first, lambda shard: self._all_reduce_over(self.replica_group, self.replicas, shard,
-                                                                  f"{what}, this rank's shard across the replicas"))
+
+        def across_replicas(shard):
+            second = self._all_reduce_over(self.replica_group, self.replicas, shard,
+                                           f"{what}, this rank's shard across the replicas")
+            second.kind = "reduction"
+            return second
+        return Chained(first, across_replicas)
 
     def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
-        """Start summing `t` over every rank in place; wait() gives `t`."""
-        return self._all_reduce_over(self.group, self.world_size, t, what)
+        """Start summing `t` over every rank in place (a gradient reduction); wait() gives `t`."""
+        pending = self._all_reduce_over(self.group, self.world_size, t, what)
+        pending.kind = "reduction"
+        return pending
 
     def _all_reduce_over(self, group, size: int, t: torch.Tensor, what: str) -> Pending:
         self._check_open()
@@ -272,7 +284,9 @@ class Collectives:
         """Start filling every part of the unit `flat` from its owner in this rank's shard group (this rank's
         part is already current; `src`, if given, is a separate tensor equal to it, which the all_gather can
         read instead of a copy)."""
-        return self._gather_over(self.shard_group, self.shard_size, self.shard_rank, flat, shard_numel, what, src)
+        pending = self._gather_over(self.shard_group, self.shard_size, self.shard_rank, flat, shard_numel, what, src)
+        pending.kind = "gather"
+        return pending
 
     def gather_all(self, flat: torch.Tensor, shard_numel: int, what: str,
                    src: Optional[torch.Tensor] = None) -> Pending:

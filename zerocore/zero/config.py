@@ -79,6 +79,9 @@ class ZeroConfig:
         consecutive ranks (e.g. the GPUs of one node) and replicate across the groups; each unit is reduced
         within its group and its shard then all-reduced across the groups, gathers stay inside the group, and
         per-rank memory follows the ZeRO formula with this size in place of N. None: shard over all ranks.
+    log_interval: every this many optimizer steps rank 0 logs step, loss scale, gradient norm, step time and its
+        breakdown, samples/s and per-rank memory through the "zerocore" logger (DeepSpeed's steps_per_print;
+        [Note: training log] in stats.py). None: no log (opt.stats() still has the figures).
     host_block_cache: models on the host (CPU training): while this optimizer is open, serve CPU tensors of
         1 MiB and more from zerocore's block cache (zerocore/zero/host_memory.py), which reuses freed blocks by
         size, like torch's CUDA caching allocator does on the GPU. Measured on the bench MLP
@@ -119,6 +122,7 @@ class ZeroConfig:
     max_live_parameters: int = 1_000_000_000
     offload_param: Optional[str] = None
     shard_group_size: Optional[int] = None
+    log_interval: Optional[int] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -184,6 +188,9 @@ class ZeroConfig:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
             set_(name, int(v))
         _positive("comm_timeout_s", self.comm_timeout_s)
+        if self.log_interval is not None and (isinstance(self.log_interval, bool) or
+                                              not isinstance(self.log_interval, int) or self.log_interval < 1):
+            raise ValueError(f"log_interval={self.log_interval!r} must be a positive number of steps (or None)")
         k = self.shard_group_size
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"shard_group_size={k!r} must be a positive integer that divides the number of ranks "

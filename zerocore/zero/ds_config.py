@@ -64,7 +64,8 @@ Keys zerocore reads (unset: DeepSpeed's default unless said):
 | gradient_clipping | gradient_clipping; unset: 0, no clipping |
 | gradient_accumulation_steps | gradient_accumulation_steps (batch rule above) |
 | train_micro_batch_size_per_gpu, train_batch_size | DeepSpeedSettings.micro_batch_size, train_batch_size |
-| steps_per_print, wall_clock_breakdown | DeepSpeedSettings fields of these names |
+| steps_per_print | log_interval (the training log, stats.py) |
+| wall_clock_breakdown | DeepSpeedSettings.wall_clock_breakdown (the log always shows the breakdown) |
 
 Keys zerocore understands but does not implement. "silent when": the values that ask for what zerocore does
 (other values go into the warning); "any": always silent, the key changes nothing zerocore does; "never": always
@@ -808,6 +809,8 @@ def _assemble(r: _Reading, cfg: Mapping) -> Tuple[Dict[str, Any], Optional[Dict[
           if values.get(f) is not None}
     if values.get("overlap_comm") is not None:
         kw["overlap_comm"] = values["overlap_comm"]
+    if values.get("steps_per_print") is not None:
+        kw["log_interval"] = values["steps_per_print"]
     if values.get("mics_shard_size", -1) > 0:           # DeepSpeed's -1 (or 0): no MiCS
         kw["shard_group_size"] = values["mics_shard_size"]
     if values.get("stage") == 0:

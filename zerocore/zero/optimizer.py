@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import secrets
+import time
 import weakref
 from typing import List, Optional, Sequence, Union
 
@@ -46,6 +47,7 @@ from .reducer import GradReducer
 from .residency import Residency
 from .schedule import GatherSchedule
 from .state_store import make_store
+from .stats import TrainingStats
 from .step import Stepper
 from .units import Unit, build_module_units, build_units, materialize
 
@@ -287,8 +289,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.full_params = FullParameters(model, self.units, self.comm, self.store, self.schedule, self.residency)
         self._bindings = Bindings(model, self.units, self.store, self.reducer, self.wait_for_params,
                                   self.residency.expected_data_ptr if self.residency is not None else None)
+        self.training_stats = TrainingStats(self.comm, self.device, cfg.log_interval, self.memory_report)
         self._fixed_hooks = [
             model.register_forward_pre_hook(lambda *a: self._before_forward(), prepend=True),
+            model.register_forward_pre_hook(lambda m, args: self.training_stats.count_forward(args)),
             model.register_state_dict_pre_hook(lambda *a, **k: self.wait_for_params())]
         if cfg.stage == 3:
             self._fixed_hooks.append(model.register_state_dict_post_hook(
@@ -410,9 +414,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._deferred_step = False
         if self._uses_host_cache:
             host_memory.end_step()
+        started = time.perf_counter()
         if self.stepper.run() and self.lr_scheduler is not None:
             self.lr_scheduler.step()      # not after a skipped (overflow) step, as DeepSpeed
+        self.training_stats.step_done(time.perf_counter() - started, global_steps=self.global_steps,
+                                      loss_scale=self.loss_scale, grad_norm=self.global_grad_norm)
         return None
+
+    def stats(self) -> dict:
+        """This rank's training figures, without communication ([Note: training log] in stats.py): the last
+        step's time and its breakdown (forward_backward_s, reduction_wait_s, step_only_s, gather_wait_s), their
+        means since the last log line, global_steps, loss_scale, grad_norm, samples counted since the last log
+        line, and memory now (host_rss, host_peak, device_allocated, device_peak, pinned, nvme; bytes).
+
+        >>> # print(opt.stats()["step_s"], opt.stats()["host_peak"] / 2**30)
+        """
+        return self.training_stats.local()
 
     def wait_for_params(self) -> None:
         """Wait for every in-flight parameter all-gather (forward does this per unit by itself)."""
