@@ -1,7 +1,8 @@
 """Command line: `python -m zerocore report` (environment and op table), `python -m zerocore build [OP ...]`
 (compile op libraries into the cache now), `python -m zerocore consolidate CKPT OUT` (a checkpoint's full model
 state dict as safetensors files), `python -m zerocore estimate` (per-rank memory of every ZeRO stage and offload
-choice, from a number of parameters or a transformers config)."""
+choice, from a number of parameters or a transformers config), `python -m zerocore demo` (a short multi-rank
+training run). Each has --help."""
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,11 @@ def main(argv=None) -> int:
     build = commands.add_parser("build", help="compile op libraries into the cache now")
     build.add_argument("ops", nargs="*", help="op names (default: every op compatible with this machine)")
     build.add_argument("--verbose", action="store_true", help="show the compiler's output")
-    cons = commands.add_parser("consolidate", help="write a checkpoint's full model state dict as safetensors "
-                               "(Hugging Face layout), one parameter at a time")
+    cons_help = ("write a checkpoint's full model state dict as safetensors (Hugging Face layout), one parameter at "
+                 "a time")
+    cons = commands.add_parser("consolidate", help=cons_help, description=cons_help[0].upper() + cons_help[1:] +
+                               ": from_pretrained loads the folder; host memory stays about two copies of the "
+                               "largest parameter.")
     cons.add_argument("ckpt", help="the folder given to save_checkpoint")
     cons.add_argument("out", help="output folder")
     cons.add_argument("--tag", help="checkpoint tag (default: the one in CKPT/latest)")
@@ -41,7 +45,21 @@ def main(argv=None) -> int:
                      "(default cuda)")
     est.add_argument("--largest-layer", type=float, help="with --params: elements of the largest layer "
                      "(stage 3's working set; default: prefetch_bucket_size)")
-    args = parser.parse_args(argv)
+    demo = commands.add_parser(
+        "demo", help="a short multi-rank ZeRO training run on this machine (torchrun; gloo, or NCCL on GPUs)",
+        description="Launch `torchrun --nproc_per_node N -m zerocore.demo ARGS`: a small MLP trained with "
+        "ZeroOptimizer; prints the loss, step time and the bytes each rank holds beside the ZeRO formula. "
+        "Arguments after the options go to the demo (see `python -m zerocore.demo --help`).")
+    demo.add_argument("--nproc", type=int, default=2, help="ranks (processes) to start (default 2)")
+    args, rest = parser.parse_known_args(argv)
+
+    if args.command == "demo":                 # the options it does not know are the demo's
+        import subprocess
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+               "--master_port", str(_free_port()), "-m", "zerocore.demo", *rest]
+        return subprocess.call(cmd)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.command == "estimate":
         from .estimate import main as estimate_main
@@ -70,6 +88,13 @@ def main(argv=None) -> int:
             print(f"{name}: FAILED: {e}", file=sys.stderr, flush=True)
             failed += 1
     return 1 if failed else 0
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""A short ZeRO training run: `torchrun --nproc_per_node 2 examples/train_demo.py`.
+"""A short ZeRO training run: `python -m zerocore demo` (2 ranks through torchrun) or
+`torchrun --nproc_per_node 2 -m zerocore.demo`.
 
 Trains a small MLP to imitate a fixed random "teacher" network with ZeroOptimizer (stage 2 by default) on
 gloo (CPU) - or NCCL when CUDA is available - and prints the loss, the step time and what each rank holds.
+It ships inside the package so an installed zerocore can check itself without a checkout; the fuller example
+is examples/train_gpt.py.
 
-    torchrun --nproc_per_node 2 examples/train_demo.py --stage 1 --steps 40
-    torchrun --nproc_per_node 2 examples/train_demo.py --offload --dtype bf16
-    python examples/train_demo.py            # one process, no torchrun needed
+    python -m zerocore demo --nproc 2 --stage 3 --steps 40
+    torchrun --nproc_per_node 2 -m zerocore.demo --offload --dtype bf16
+    python -m zerocore.demo            # one process, no torchrun needed
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def peak_rss_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--stage", type=int, default=2, choices=(1, 2, 3))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--offload", action="store_true", help="optimizer state and step on the host (CPU Adam)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
