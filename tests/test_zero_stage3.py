@@ -48,6 +48,14 @@ def test_stage3_memory_is_16_psi_over_n_plus_persistent(scenario_results, world,
         assert v["held"] == pytest.approx(v["formula"], abs=2000), v
 
 
+@pytest.mark.parametrize("name", ["master_weights_s2", "master_weights_s3"])
+def test_full_state_dict_of_the_fp32_masters(scenario_results, name):
+    rank0, rank1 = _values(scenario_results, 2, name)
+    assert rank1 == {"empty": True}
+    assert rank0["keys_equal"] and rank0["masters_exact"] and rank0["fp32"] and rank0["low_is_rounded"], rank0
+    assert rank0["moved"] > 1e-3, rank0            # training changed the weights (not just the initial values)
+
+
 def test_stage3_autograd_grad_is_not_a_micro_step(scenario_results):
     for v in _values(scenario_results, 2, "autograd_grad_is_not_a_micro_step_s3"):
         assert v["rel_err"] <= S.Z.FP32_TOL, v

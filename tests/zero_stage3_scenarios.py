@@ -293,12 +293,45 @@ def divergent_units_s3(rank, world):
     raise AssertionError("no error for ranks that gathered different units")
 
 
+def _master_weights(stage):
+    def scenario(rank, world):
+        """full_state_dict(master_weights=True) of bf16 training is the fp32 masters, exactly what a consolidated
+        checkpoint holds; without it, the bf16 parameters (the masters rounded), on rank 0 only."""
+        import os
+        import tempfile
+        from zerocore import consolidate
+        data = Z.batches("mlp", world, 4)
+        options = dict(S3, bucket_size=200, param_persistence_threshold=16) if stage == 3 else \
+            dict(stage=stage, bucket_size=200)
+        model, opt = Z.train_zero("mlp", data, rank, dtype=torch.bfloat16, **options)
+        masters = opt.full_state_dict(master_weights=True)
+        low = opt.full_state_dict()
+        holder = [tempfile.mkdtemp(prefix="zc-masters-") if rank == 0 else None]
+        torch.distributed.broadcast_object_list(holder, 0)
+        opt.save_checkpoint(holder[0], tag="t")
+        opt.close()
+        if rank != 0:
+            return {"empty": masters == {} and low == {}}
+        ref = consolidate(os.path.join(holder[0]))
+        return {"keys_equal": list(masters) == list(ref) == list(low),
+                "masters_exact": all(torch.equal(masters[k], ref[k]) for k in ref),
+                "fp32": all(v.dtype == torch.float32 for v in masters.values()),
+                "low_is_rounded": all(torch.equal(low[k], ref[k].to(torch.bfloat16)) for k in ref),
+                "moved": max((ref[k] - Z.mlp().state_dict()[k]).abs().max().item() for k in ref)}
+    return scenario
+
+
+master_weights_s2 = _master_weights(2)
+master_weights_s3 = _master_weights(3)
+
+
 PARITY = ["mlp_s3", "mlp_user_backward_s3", "mlp_ga_s3", "mlp_groups_sched_s3", "mlp_offload_s3",
           "mlp_scatter_gather_s3", "mlp_no_overlap_s3", "gpt_s3", "gpt_units_s3", "gpt_ga_clip_s3",
           "gpt_no_reshard_s3", "gpt_small_prefetch_s3", "gpt_ckpt_s3", "gpt_ckpt_reentrant_s3", "encoder_s3",
           "twice_s3", "special_s3"]
 LOW_PRECISION = ["bf16_s3"]
-OTHER = ["eval_and_gathered_s3", "accounting_fp32_s3", "accounting_bf16_s3", "autograd_grad_is_not_a_micro_step_s3"]
+OTHER = ["eval_and_gathered_s3", "accounting_fp32_s3", "accounting_bf16_s3", "autograd_grad_is_not_a_micro_step_s3",
+         "master_weights_s2", "master_weights_s3"]
 MISMATCH = ["mismatched_forward_calls_s3", "divergent_units_s3"]
 
 SCENARIOS_BY_WORLD = {

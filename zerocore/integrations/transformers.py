@@ -58,7 +58,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import shutil
 import socket
 import warnings
 from typing import Any, Dict, Mapping, Optional, Union
@@ -478,26 +477,16 @@ class ZeroTrainer(Trainer):
                 return super().save_model(output_dir, _internal_call)
             self.create_optimizer()
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self._save(output_dir, state_dict=self._full_state_dict(output_dir))   # Trainer's: rank 0 writes
+        self._save(output_dir, state_dict=self._full_state_dict())   # Trainer's: rank 0 writes
         self.accelerator.wait_for_everyone()     # every rank returns once the files are there
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _full_state_dict(self, output_dir: str) -> dict:
-        """The model's state dict on rank 0 ({} elsewhere): the parameters as trained (16-bit with
-        gather_16bit_weights_on_model_save, or fp32 training), else the fp32 masters, read back from a temporary
-        checkpoint (opt.full_state_dict() holds the 16-bit values)."""
-        opt = self.optimizer
+    def _full_state_dict(self) -> dict:
+        """The model's state dict on rank 0 ({} elsewhere), gathered one unit at a time: the parameters as
+        trained with gather_16bit_weights_on_model_save, else fp32 (the masters of mixed-precision training)."""
         sixteen = self._zero_settings is not None and self._zero_settings.gather_16bit_weights_on_model_save
-        if not opt.mixed or sixteen:
-            return opt.full_state_dict()
-        from ..zero.consolidate import consolidate
-        tmp = os.path.join(output_dir, ".zerocore-fp32-weights")
-        opt.save_checkpoint(tmp, tag="weights")
-        state = consolidate(tmp) if opt.rank == 0 else {}
-        if opt.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return state
+        return self.optimizer.full_state_dict(master_weights=not sixteen)
 
 
 # ---------------------------------------------------------------------------------------------- loading

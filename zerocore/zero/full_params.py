@@ -7,7 +7,8 @@ Stage 3 keeps only shards between uses; a partitioned parameter is a NaN placeho
   - gathered(params=None, modifier_rank=None): the units holding `params` (default all) stay gathered on every
     rank for the body of a `with`; with modifier_rank=r, rank r's changes become every rank's values (and the
     fp32 masters') at its end. Stages 1 and 2 hold full parameters anyway: there it only applies the changes.
-  - full_state_dict(): model.state_dict() with full values (host copies), gathered one unit at a time.
+  - full_state_dict(): model.state_dict() with full values (host copies), gathered one unit at a time; with
+    master_weights=True the fp32 masters of mixed-precision training instead of the 16-bit parameters.
   - model.state_dict() under stage 3: entries of gathered units are copies (the unit's buffer is freed after
     use); entries of sharded ones stay the placeholders, with one warning pointing here.
 """
@@ -118,11 +119,18 @@ class FullParameters:
         self.schedule.wait_all()
 
     # ------------------------------------------------------------------------------------- state dicts
-    def full_state_dict(self, rank0_only: bool = True) -> dict:
+    def full_state_dict(self, rank0_only: bool = True, master_weights: bool = False) -> dict:
         self.schedule.wait_all()
         keep = not rank0_only or self.comm.rank == 0
         values = {}
+        masters = master_weights and self.store.separate_masters
         for u in self.units:
+            if masters:
+                flat = self._gather_masters(u)
+                if keep:
+                    for s in u.slots:
+                        values[id(s.param)] = flat[s.offset:s.offset + s.numel].view(s.shape).to("cpu", copy=True)
+                continue
             was_sharded = not u.persistent and self._is_sharded(u.index)
             if self.residency is not None:
                 self.residency.ensure(u.index)
@@ -135,6 +143,20 @@ class FullParameters:
             return {}
         return {k: values[id(v)] if id(v) in values else v.detach().to("cpu", copy=True)
                 for k, v in self.model.state_dict(keep_vars=True).items()}
+
+    def _gather_masters(self, u) -> torch.Tensor:
+        """Unit u's fp32 masters, whole: this rank's shard read from the store (memory or NVMe), the others'
+        gathered in the shard group, on the device the unit's collectives use."""
+        off, n = self.store.offsets[u.index], u.shard_numel
+        flat = torch.empty(u.padded_numel, dtype=torch.float32, device=u.flat.device)
+        own = u.shard_of(flat)
+        with self.store.read(self.store.windows_meeting([(off, off + n)])) as windows:
+            for w in windows:
+                cut = w.clip(off, off + n)
+                if cut is not None:
+                    own[cut[0] - off:cut[1] - off].copy_(w.master[cut[0] - w.start:cut[1] - w.start])
+        self.comm.gather(flat, n, f"unit {u.index} fp32 masters ({u.numel} elements)").wait()
+        return flat
 
     def model_state_dict_post(self, module, state_dict, prefix, local_metadata) -> None:
         """Stage 3, model.state_dict(): a gathered parameter's entry would be a view of its unit's buffer,

@@ -586,15 +586,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         with self.full_params.gathered(params, modifier_rank):
             yield
 
-    def full_state_dict(self, rank0_only: bool = True) -> dict:
+    def full_state_dict(self, rank0_only: bool = True, master_weights: bool = False) -> dict:
         """The model's state dict with full parameters (host tensors, keys as `model.state_dict()`'s),
         gathered one unit at a time so no rank holds more than one unit beyond its shards. Every rank must
-        call it; with rank0_only (default) the other ranks get {}.
+        call it; with rank0_only (default) the other ranks get {}. master_weights=True: in mixed precision the
+        trainable parameters' fp32 masters instead of their bf16/fp16 values (what a save in fp32 wants).
 
         Under stage 3, `model.parameters()` outside a forward pass or `opt.gathered()` are placeholders: full
         shapes, every element NaN (residency.py), and so are `model.state_dict()`'s entries for them. Use this
         (or zerocore.consolidate of a checkpoint) to save a model."""
-        return self.full_params.full_state_dict(rank0_only)
+        return self.full_params.full_state_dict(rank0_only, master_weights)
 
     # ------------------------------------------------------------------------------------------- accounting
     def memory_report(self) -> dict:
