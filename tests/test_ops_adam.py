@@ -231,6 +231,55 @@ def test_all_simd_paths_and_thread_counts_agree_bit_for_bit():
         assert torch.equal(bits, reference), key
 
 
+def _at_offset(t, offset):
+    """A copy of t that starts `offset` elements into its own storage (clone() would start at 0)."""
+    return torch.empty(t.numel() + offset, dtype=t.dtype)[offset:].copy_(t)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 5, 16, 17])
+def test_groups_and_page_boundaries_match_scalar_bit_for_bit(offset):
+    """Sizes around the SIMD paths' groups of 4 vectors and across 4 KiB pages (where the kernels prime the next
+    page), on tensors that start `offset` elements into their storage, so page and line offsets vary."""
+    sizes = [63, 64, 65, 127, 129, 1024 + 48 + 7, 3 * 4096 + 37]
+    gen = torch.Generator().manual_seed(23 + offset)
+
+    def make(dtype, n, scale=1.0, positive=False):
+        base = torch.rand(n + offset, generator=gen) if positive else torch.randn(n + offset, generator=gen)
+        return (base * scale).to(dtype)[offset:]
+
+    cases = [(torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, torch.bfloat16),
+             (torch.float16, torch.bfloat16, torch.float16)]
+    saved_env = os.environ.get("ZEROCORE_SIMD")
+    try:
+        for grad_dtype, state_dtype, out_dtype in cases:
+            inputs = ([make(torch.float32, n) for n in sizes], [make(state_dtype, n, 1e-2) for n in sizes],
+                      [make(state_dtype, n, 1e-4, positive=True) for n in sizes],
+                      [make(grad_dtype, n, 8.0) for n in sizes],
+                      [torch.empty(n + offset, dtype=out_dtype)[offset:] for n in sizes] if out_dtype else [])
+            results = {}
+            for level in SIMD_LEVELS:
+                os.environ["ZEROCORE_SIMD"] = level
+                try:
+                    A.simd_level()
+                except RuntimeError:
+                    continue  # this CPU lacks the level
+                params, m, v, g, out = [[_at_offset(t, offset) for t in lst] for lst in inputs]
+                assert all(t.storage_offset() == offset for t in params + m + v + g + out)
+                A.adam_step(params, m, v, g, weight_decay=0.1, step=3, params_out=out,
+                            grad_scale=torch.tensor([0.5]), **HYPER)
+                results[level] = [t.view(-1).view(torch.int32 if t.element_size() == 4 else torch.int16)
+                                  for t in params + m + v + out]
+            assert len(results) >= 2
+            for level, tensors in results.items():
+                for i, (a, b) in enumerate(zip(tensors, results["scalar"])):
+                    assert torch.equal(a, b), (level, grad_dtype, state_dtype, out_dtype, i)
+    finally:
+        if saved_env is None:
+            os.environ.pop("ZEROCORE_SIMD", None)
+        else:
+            os.environ["ZEROCORE_SIMD"] = saved_env
+
+
 def test_bf16_state_is_fp32_math_on_widened_state_and_its_error_is_bounded(simd):
     gen = torch.Generator().manual_seed(9)
     n, steps = 4096, 100
@@ -351,3 +400,66 @@ def test_meta_tensors_go_through_the_fake_kernel():
     meta = lambda dt=torch.float32: torch.empty(n, device="meta", dtype=dt)  # noqa: E731
     torch.ops.zerocore.adam_step([meta()], [meta()], [meta()], [meta(torch.bfloat16)], [], None,
                                  torch.empty(1, device="meta"), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, True, False)
+
+
+# ---------------------------------------------------------------------------------- opcheck and torch.compile
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+# (grad dtype, params_out dtype or None, with a grad_scale, AdamW)
+OP_CASES = [(torch.float32, None, False, True), (torch.bfloat16, torch.bfloat16, True, True),
+            (torch.float16, torch.float16, True, False), (torch.bfloat16, None, False, False)]
+
+
+def _random_op_args(grad_dtype, out_dtype, scaled, adamw, seed=0, grads_require_grad=False):
+    """adam_step's positional arguments on random data: two tensors of random odd sizes (around the vector
+    widths and past them), random moments, learning rate and step."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(n) * 2 + 1 for n in torch.randint(1, 100, (2,), generator=g)]
+    params = [torch.randn(n, generator=g) for n in sizes]
+    exp_avgs = [torch.randn(n, generator=g) * 0.1 for n in sizes]
+    exp_avg_sqs = [torch.rand(n, generator=g) * 0.01 for n in sizes]
+    grads = [torch.randn(n, generator=g).to(grad_dtype).requires_grad_(grads_require_grad) for n in sizes]
+    params_out = [torch.empty(n, dtype=out_dtype) for n in sizes] if out_dtype is not None else []
+    grad_scale = torch.rand(1, generator=g) + 0.5 if scaled else None
+    lr = 1e-3 * (1 + torch.rand(1, generator=g).item())
+    step = int(torch.randint(1, 100, (1,), generator=g))
+    return (params, exp_avgs, exp_avg_sqs, grads, params_out, grad_scale, torch.zeros(1), lr, 0.9, 0.999, 1e-8,
+            0.01, step, adamw, True)
+
+
+@pytest.mark.parametrize("grad_dtype,out_dtype,scaled,adamw", OP_CASES)
+def test_opcheck_passes_every_test(grad_dtype, out_dtype, scaled, adamw):
+    """torch.library.opcheck's four tests on random inputs. The gradients (read, never written) require grad, so
+    test_autograd_registration checks that the op, which has no autograd formula, gives nothing that requires
+    grad; test_aot_dispatch_dynamic traces it through AOTAutograd with dynamic shapes, as torch.compile does."""
+    A.simd_level()  # loads the op library
+    args = _random_op_args(grad_dtype, out_dtype, scaled, adamw, grads_require_grad=True)
+    result = torch.library.opcheck(torch.ops.zerocore.adam_step.default, args, test_utils=OPCHECKS)
+    assert result == {k: "SUCCESS" for k in OPCHECKS}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("grad_dtype,out_dtype,scaled,adamw", OP_CASES[:2])
+def test_compiled_call_writes_what_the_eager_call_writes(grad_dtype, out_dtype, scaled, adamw, backend, tmp_path,
+                                                         monkeypatch):
+    """Inside torch.compile (fullgraph: the op is in the graph, not run eagerly at a break) AOTAutograd turns the
+    in-place op into a functional one and copies its results back, and inductor re-inplaces it: params, moments,
+    params_out and found_inf must end bit for bit as after the eager call."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))       # no warm cache from another run
+    A.simd_level()
+    args = _random_op_args(grad_dtype, out_dtype, scaled, adamw, seed=1)
+    tensors, hyper = args[:7], args[7:]
+    copy = [[t.clone() for t in x] if isinstance(x, list) else (None if x is None else x.clone()) for x in tensors]
+    before = [p.clone() for p in tensors[0]]
+
+    def step(params, exp_avgs, exp_avg_sqs, grads, params_out, grad_scale, found_inf):
+        lr, beta1, beta2, eps, weight_decay, step, adamw, _ = hyper
+        A.adam_step(params, exp_avgs, exp_avg_sqs, grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, step=step, adamw=adamw, params_out=params_out,
+                    grad_scale=grad_scale, found_inf=found_inf)
+
+    torch.compile(step, backend=backend, fullgraph=True)(*tensors)
+    step(*copy)
+    assert not any(torch.equal(p, b) for p, b in zip(tensors[0], before))     # the compiled call updated
+    for compiled, eager in zip(tensors, copy):
+        for c, e in zip(*((compiled, eager) if isinstance(compiled, list) else ([compiled], [eager]))):
+            assert c is None or torch.equal(c, e)

@@ -247,6 +247,72 @@ def test_partial_alias_with_flat_tensor_rejected():
         B.pack([half_view], flat.view(torch.bfloat16), [1])
 
 
+# ------------------------------------------------------------------------------------ opcheck and torch.compile
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _random_case(src_dtype, dst_dtype, seed, device="cpu"):
+    """Three tensors of random sizes (one 2-D), gapped offsets into a random flat tensor, a random scale."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(n) for n in torch.randint(1, 80, (3,), generator=g)]
+    tensors = make_sources(src_dtype, sizes, g, device)
+    offsets, total = gapped_offsets(sizes)
+    flat = random_values(total, g, device).to(dst_dtype)
+    return tensors, flat, offsets, 0.25 + torch.rand(1, generator=g).item()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("src_dtype,dst_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.float32, torch.float16)])
+def test_opcheck_passes_every_test(device, src_dtype, dst_dtype):
+    """torch.library.opcheck's four tests on random inputs, accumulating and not. The tensors the ops only read
+    require grad, so test_autograd_registration checks that these ops without an autograd formula give nothing
+    that requires grad; test_aot_dispatch_dynamic traces them through AOTAutograd with dynamic shapes."""
+    for seed, accumulate in ((0, False), (1, True)):
+        srcs, flat, offsets, scale = _random_case(src_dtype, dst_dtype, seed, device)
+        srcs = [t.requires_grad_() for t in srcs]
+        result = torch.library.opcheck(torch.ops.zerocore.pack.default, (srcs, flat, offsets, scale, accumulate),
+                                       test_utils=OPCHECKS)
+        assert result == {k: "SUCCESS" for k in OPCHECKS}
+        dsts, flat, offsets, scale = _random_case(dst_dtype, src_dtype, seed, device)
+        result = torch.library.opcheck(torch.ops.zerocore.unpack.default,
+                                       (flat.requires_grad_(), dsts, offsets, scale), test_utils=OPCHECKS)
+        assert result == {k: "SUCCESS" for k in OPCHECKS}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_calls_write_what_eager_calls_write(backend, tmp_path, monkeypatch):
+    """Inside torch.compile (fullgraph: the ops are in the graph, not run eagerly at a break) AOTAutograd makes
+    the in-place ops functional and copies their results back, and inductor re-inplaces them: the flat tensor
+    and the unpacked tensors must end bit for bit as after eager calls."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))       # no warm cache from another run
+    srcs, flat, offsets, scale = _random_case(torch.bfloat16, torch.float32, seed=2)
+    dsts = [poison(torch.empty_like(t)) for t in srcs]
+
+    def round_trip(srcs, flat, dsts):
+        B.pack(srcs, flat, offsets, scale=scale, accumulate=True)
+        B.unpack(flat, dsts, offsets, scale=1.0 / scale)
+
+    compiled_flat, compiled_dsts = flat.clone(), [d.clone() for d in dsts]
+    torch.compile(round_trip, backend=backend, fullgraph=True)(srcs, compiled_flat, compiled_dsts)
+    round_trip(srcs, flat, dsts)
+    assert not torch.equal(compiled_flat, _random_case(torch.bfloat16, torch.float32, seed=2)[1])   # it packed
+    assert_same(compiled_flat, flat, "flat")
+    for k, (c, e) in enumerate(zip(compiled_dsts, dsts)):
+        assert_same(c, e, f"dsts[{k}]")
+
+
+def test_ownership_is_not_claimed_while_compiling():
+    """zerocore::ownership reads reference counts, which FakeTensors traced by torch.compile do not have: traced,
+    is_sole_owner must answer the safe "no" (callers then copy), not a count baked into the graph."""
+    def sole(t):
+        return t * 1, B.is_sole_owner(t)
+
+    fresh = torch.randn(8)
+    assert sole(fresh)[1] is True
+    assert torch.compile(sole, backend="aot_eager", fullgraph=True)(fresh)[1] is False
+
+
 # ------------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.slow
 def test_cuda_library_compiles_and_registers_kernels():

@@ -71,6 +71,10 @@ def is_sole_owner(t: torch.Tensor) -> bool:
     False
     """
     global _FRESH_TENSOR_REFS
+    if torch.compiler.is_compiling():
+        # Reference counts exist only on real tensors at run time: traced, the op would read a FakeTensor's and
+        # the graph would return them as constants. Unknown ownership is "not the sole owner" (callers copy).
+        return False
     _ensure_loaded(torch.device("cpu"))
     if _FRESH_TENSOR_REFS is None:          # what the op call itself adds to a tensor's reference count
         _FRESH_TENSOR_REFS = torch.ops.zerocore.ownership(torch.empty(1))[0]

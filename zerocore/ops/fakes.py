@@ -4,7 +4,9 @@
 Every tensor op of zerocore (adam_step, pack, unpack) writes its results into tensors it was given and returns
 nothing, so its fake kernel has no shape to compute: it returns None (the real kernel checks the arguments).
 `ownership` (whether a tensor's storage is referenced elsewhere) reads reference counts of real storage and
-has no fake. Registered once per op, when the library that defines it is loaded (builder.load).
+has no fake: traced by torch.compile it would return a FakeTensor's counts as constants, so its only caller,
+buckets.is_sole_owner, answers False while compiling. Registered once per op, when the library that defines it
+is loaded (builder.load).
 
 >>> import torch, zerocore.ops
 >>> _ = zerocore.ops.load("buckets")

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 from .consistency import RankMismatchError
 from .phases import Phase
 from .residency import ParamState, Residency
-from .schedule import sync_device
+from .schedule import run_eagerly, sync_device
 from .units import Unit
 
 
@@ -86,6 +86,8 @@ class ParamHooks:
 
     # ----------------------------------------------------------------------------------------- forward
     def _pre_forward(self, module, args) -> None:
+        if torch.compiler.is_compiling():          # gathers run eagerly: [Note: torch.compile] in schedule.py
+            return run_eagerly(self._pre_forward, module, args)
         if _in_backward():                 # activation checkpointing's recomputation: gather, nothing else
             self._gather(module)
             return
@@ -100,6 +102,8 @@ class ParamHooks:
         self._cursor["forward"] = 0
 
     def _post_forward(self, module, args, output) -> None:
+        if torch.compiler.is_compiling():          # frees run eagerly: [Note: torch.compile] in schedule.py
+            return run_eagerly(self._post_forward, module, args, output)
         if self.keep_gathered or _in_backward():
             return
         hooked = False

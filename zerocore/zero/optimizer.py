@@ -45,7 +45,7 @@ from .param_groups import registering_module, resolve_groups
 from .phases import PhaseAgreement
 from .reducer import GradReducer
 from .residency import Residency
-from .schedule import GatherSchedule
+from .schedule import GatherSchedule, run_eagerly
 from .state_store import make_store
 from .stats import TrainingStats
 from .step import Stepper
@@ -346,8 +346,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self.reducer.micro_steps
 
     # ------------------------------------------------------------------------------------------ training
-    def _before_forward(self) -> None:
-        """Every forward of the model: it is not run by DDP, and its parameters still live in the engine."""
+    def _before_forward(self, compiled: bool = False) -> None:
+        """Every forward of the model: it is not run by DDP, and its parameters still live in the engine. A
+        forward torch.compile traces calls this eagerly (compiled=True): see [Note: torch.compile] in schedule.py."""
+        if torch.compiler.is_compiling():
+            return run_eagerly(self._before_forward, True)
         ddp = DistributedDataParallel._get_active_ddp_module()
         if ddp is not None and ddp.module is self.model:
             raise RuntimeError(
@@ -356,6 +359,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "all-reduce every gradient a second time and clip gradients the ranks no longer hold. Call the "
                 "model itself; with transformers' Trainer use zerocore.integrations.transformers.ZeroTrainer.")
         self._bindings.check()
+        if compiled and self.config.stage != 3:
+            self.schedule.wait_for_compiled_forward()
 
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward() with the loss scale applied (fp16) and the engine's bookkeeping."""

@@ -8,6 +8,20 @@ model's own forward; and (b) a proposed gather order, the units by first use. Ra
 propose different orders, and gathers issued in different orders on different ranks would exchange the wrong
 units, so the step's phase agreement carries the proposal and every rank adopts rank 0's. After each step all
 units' gathers are launched asynchronously in that order; a unit's waiting module blocks only on its own.
+
+[Note: torch.compile]
+torch.compile's dynamo traces a compiled module's forward hooks together with its forward. The engine's hooks
+issue and wait for collectives, resize storage and swap `param.data`: none of that belongs in a graph (traced,
+dynamo fails on them part-way, at data_ptr arithmetic, gloo work handles or timers, and runs whole frames
+eagerly, so little of the model is compiled). So each hook entry point checks torch.compiler.is_compiling()
+(true only while dynamo traces) and there calls itself through `run_eagerly`: dynamo ends the graph at that
+call, runs the hook eagerly and compiles what follows as a new graph. The disabled wrapper is made at that call,
+not at registration, because torch.compiler.disable imports torch._dynamo (~150 MB per rank), which eager
+training never needs. Graphs therefore break at every hook: in
+stage 3 at each unit-owning module's forward start and end; in stages 1 and 2 only at the start of the compiled
+forward, which waits for every unit's gather at once (the per-module waits traced after it are no-ops:
+GatherSchedule.forward_waited). So a compiled forward does not overlap the gathers of stages 1 and 2, and a
+model that never runs eagerly records no module order: every unit is then waited for at the forward's start.
 """
 from __future__ import annotations
 
@@ -17,6 +31,20 @@ from typing import Dict, List, Optional
 import torch
 
 from .units import Unit
+
+
+EAGER_HOOKS = ("zerocore: ZeroOptimizer's module hooks wait for and issue collectives and change parameter storage, "
+               "so they run eagerly between compiled graphs; torch.compile(fullgraph=True) cannot include them: "
+               "compile without fullgraph=True (README, torch.compile)")
+
+
+def run_eagerly(hook, *args):
+    """Call `hook(*args)` outside the graph torch.compile is tracing ([Note: torch.compile]). Only called when
+    torch.compiler.is_compiling(); the hook then runs eagerly, where is_compiling() is False."""
+    # An explicit break first, so that fullgraph=True fails with this message (a bare disable() call inside a
+    # traced function fails with dynamo's own, which names neither zerocore nor the fix).
+    torch._dynamo.graph_break(msg=EAGER_HOOKS)
+    return torch.compiler.disable(hook, reason=EAGER_HOOKS)(*args)
 
 
 def sync_device(units: List[Unit]) -> None:
@@ -35,13 +63,28 @@ class GatherSchedule:
         self.wait_map: Optional[Dict[torch.nn.Module, List[int]]] = None
         self.order: List[int] = []                    # agreed once the first step adopted rank 0's proposal
         self.order_agreed = False
+        # True from a compiled forward's start, which waited for every gather, to the next gather's launch; the
+        # per-module waits traced into a compiled forward are no-ops then ([Note: torch.compile]).
+        self.forward_waited = False
         self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in model.modules()]
 
     @property
     def recorded(self) -> bool:
         return self.wait_map is not None
 
+    def wait_for_compiled_forward(self) -> None:
+        """A compiled forward of the model starts: wait for every unit now (see [Note: torch.compile])."""
+        self.wait_all()
+        self.forward_waited = True
+
     def _pre_forward(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            # Traced into a compiled forward (dynamo guards on the flag, so each value has its own graph): the
+            # first such hook waits for every unit (here only if the model's own hook did not, e.g. a compiled
+            # submodule or forward method), and from then on the forward reads gathered parameters.
+            if not self.forward_waited:
+                run_eagerly(self.wait_for_compiled_forward)
+            return None
         if self.wait_map is None:
             self._fire_pos.setdefault(module, len(self._fire_pos))
         elif self.pending:
@@ -107,6 +150,7 @@ class GatherSchedule:
     def unit_updated(self, i: int) -> None:
         """Unit i's shard holds its new values (the update goes on with the next units): start its gather."""
         u = self.units[i]
+        self.forward_waited = False
         self.pending[i] = self.comm.gather(u.flat, u.shard_numel,
                                            f"unit {i} parameters ({u.numel} elements, {u.flat.dtype})")
 
