@@ -6,7 +6,7 @@ Shakespeare's sonnets (`examples/data/sonnets.txt`: 139 of the 154 sonnets of 16
 public domain; typed into the repository for this example, so small slips from the printed editions may
 remain). It uses zerocore's public API only: `ZeroOptimizer` (stage 3 by default, one unit per transformer
 block), `zerocore.ZeroInit` (`--zero-init`), `opt.save_checkpoint` / `opt.load_checkpoint` (`--save` /
-`--resume`) and `opt.gathered()` (`--generate`: the sampling loop gathers the model once, not once per token).
+`--resume` / `--auto-resume`) and `opt.gathered()` (`--generate`: the sampling loop gathers the model once, not once per token).
 
     torchrun --nproc_per_node 2 examples/train_gpt.py                       # stage 3 on 2 CPU ranks (gloo)
     python examples/train_gpt.py                                            # one process, no torchrun needed
@@ -16,6 +16,8 @@ block), `zerocore.ZeroInit` (`--zero-init`), `opt.save_checkpoint` / `opt.load_c
     torchrun --nproc_per_node 2 examples/train_gpt.py --save ckpt --save-every 100    # stopped (Ctrl-C) at 250,
     torchrun --nproc_per_node 2 examples/train_gpt.py --resume ckpt --save ckpt --generate 300  # goes on from 200
     torchrun --nproc_per_node 2 examples/train_gpt.py --stage 2 --zero-init --activation-checkpointing
+    torchrun --nproc_per_node 2 --max-restarts 3 examples/train_gpt.py --save ckpt --save-every 50 --auto-resume
+                                          # a rank that fails: torchrun restarts them all, from the last checkpoint
 
 On CUDA machines each rank uses the GPU of its LOCAL_RANK and NCCL; otherwise gloo on the CPU. Rank 0 shows a
 tqdm progress bar (on stderr; TQDM_DISABLE=1 hides it) and prints, every --log-every steps, a line
@@ -45,6 +47,7 @@ bf16's.
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import socket
@@ -56,6 +59,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.checkpoint import checkpoint
 
 import zerocore
@@ -217,8 +221,23 @@ def init_distributed():
         device = torch.device("cpu")
         # Ranks share the machine's cores; oversubscribing them makes every rank slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, store=attempt_store(world))
     return rank, world, device
+
+
+def attempt_store(world: int):
+    """Under torchrun, the agent's store seen through a prefix of its own per attempt; else None (env://).
+
+    torchrun (torch 2.14) hands the workers of every attempt the same store: after a restart
+    (--max-restarts), a worker can read the previous attempt's addresses and fail in init_process_group
+    ("Gloo connectFullMesh failed ... Connection refused") or hang there, in about half the restarts measured
+    here. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 with --standalone avoids it as well."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=False, timeout=datetime.timedelta(minutes=30))
+    return dist.PrefixStore(f"train_gpt/attempt{attempt}/", store)
 
 
 def mean_over_ranks(value: float, device) -> float:
@@ -288,6 +307,10 @@ def parse_args(argv=None):
     ap.add_argument("--save", default=None, metavar="DIR", help="write zerocore checkpoints to DIR")
     ap.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     ap.add_argument("--resume", default=None, metavar="DIR", help="continue from DIR's latest checkpoint")
+    ap.add_argument("--auto-resume", action="store_true",
+                    help="with --save DIR: continue from DIR's latest checkpoint when it holds one, else start "
+                         "from scratch, so one command line serves the first start and every restart (torchrun "
+                         "--max-restarts)")
     ap.add_argument("--generate", type=int, default=0, metavar="N", help="after training, sample N characters")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--log-every", type=int, default=25)
@@ -303,11 +326,15 @@ def parse_args(argv=None):
         ap.error("--offload-param needs --stage 3 (only stage 3 partitions the parameters)")
     if args.offload_param == "nvme" and args.offload_optimizer != "nvme":
         ap.error("--offload-param nvme needs --offload-optimizer nvme (the shards are read from the NVMe masters)")
-    if args.save and os.path.exists(os.path.join(args.save, "latest")) and not (
+    if args.auto_resume and not args.save:
+        ap.error("--auto-resume needs --save DIR: it continues from DIR's latest checkpoint")
+    if args.auto_resume and args.resume:
+        ap.error("--auto-resume continues from --save DIR's latest checkpoint: drop --resume")
+    if args.save and os.path.exists(os.path.join(args.save, "latest")) and not args.auto_resume and not (
             args.resume and os.path.realpath(args.resume) == os.path.realpath(args.save)):
         # zerocore never overwrites a checkpoint: a fresh run into this folder would fail at its first save.
-        ap.error(f"--save {args.save} already holds checkpoints: add --resume {args.save} to continue from its "
-                 "latest, or save to another folder")
+        ap.error(f"--save {args.save} already holds checkpoints: add --resume {args.save} (or --auto-resume) to "
+                 "continue from its latest, or save to another folder")
     return args
 
 
@@ -334,6 +361,26 @@ def make_optimizer(model: GPT, args) -> ZeroOptimizer:
                          param_persistence_threshold=args.persistence_threshold)
 
 
+def checkpoint_to_resume(args):
+    """(folder, tag) to resume from, or None: --resume DIR's latest checkpoint (which must exist), or with
+    --auto-resume the latest under --save DIR if it holds one. Rank 0 reads `latest` and tells the others, so every
+    rank resumes from the same checkpoint (or none)."""
+    if args.resume:
+        return args.resume, None
+    if not args.auto_resume:
+        return None
+    tag = [None]
+    if dist.get_rank() == 0:
+        try:
+            with open(os.path.join(args.save, "latest")) as f:
+                tag[0] = f.read().strip() or None
+        except FileNotFoundError:                 # the first start: nothing saved yet
+            pass
+    dist.broadcast_object_list(tag, src=0)
+    return (args.save, tag[0]) if tag[0] else None
+
+
+@record          # under torchrun, an exception's traceback goes into the failure summary ("Root Cause")
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = init_distributed()
@@ -379,17 +426,21 @@ def train(args, model: GPT, opt: ZeroOptimizer, data: CharData, rank: int, world
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)   # ZeroOptimizer is a torch.optim.Optimizer
 
     start = 0
-    if args.resume:                           # masters, Adam state, scheduler, step: at any world size and stage
-        client = opt.load_checkpoint(args.resume, lr_scheduler=sched) or {}
+    resume = checkpoint_to_resume(args)
+    if resume:                                # masters, Adam state, scheduler, step: at any world size and stage
+        folder, tag = resume
+        client = opt.load_checkpoint(folder, tag=tag, lr_scheduler=sched) or {}
         if client.get("chars") not in (None, data.chars):
-            raise SystemExit(f"{args.resume}: the checkpoint was trained on another character set")
+            raise SystemExit(f"{folder}: the checkpoint was trained on another character set")
         start = int(client.get("step", 0))
     n_params = sum(p.numel() for p in model.parameters())
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))     # how often torchrun restarted the job
     if rank == 0:
         print(f"train_gpt: {world} rank(s) on {device.type} ({dist.get_backend()}), stage {args.stage}, "
               f"{args.dtype}, {n_params / 1e6:.2f}M params, vocab {len(data.chars)}, "
               f"{len(data.train)} train / {len(data.val)} val chars, offload optimizer={args.offload_optimizer} "
-              f"param={args.offload_param}" + (f", resumed at step {start}" if args.resume else ""), flush=True)
+              f"param={args.offload_param}" + (f", resumed at step {start}" if resume else "")
+              + (f" (torchrun restart {restarts})" if restarts else ""), flush=True)
 
     quiet = os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")   # (an explicit disable= wins)
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0 or quiet, dynamic_ncols=True, desc="train",

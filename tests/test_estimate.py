@@ -346,3 +346,13 @@ def test_unknown_hub_name_offline_fails_clearly(tmp_path):
     assert "local config.json" in r.stderr
     with pytest.raises(FileNotFoundError, match="no such config"):
         meta_model(str(tmp_path / "missing" / "config.json"))
+
+
+def test_shard_groups_size_memory_by_the_group_not_the_world():
+    """shard_group_size=8 of 16 ranks holds what 8 ranks without groups hold (the formula with k for N)."""
+    grouped = estimate_memory(1e9, world_size=16, stage=3, dtype=torch.bfloat16, shard_group_size=8).rows[0]
+    eight = estimate_memory(1e9, world_size=8, stage=3, dtype=torch.bfloat16).rows[0]
+    sixteen = estimate_memory(1e9, world_size=16, stage=3, dtype=torch.bfloat16).rows[0]
+    assert grouped["model_states"] == eight["model_states"] == 2 * sixteen["model_states"]
+    with pytest.raises(ValueError, match="shard_group_size=3 must divide world_size=16"):
+        estimate_memory(1e9, world_size=16, stage=3, shard_group_size=3)

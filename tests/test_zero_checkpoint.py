@@ -292,6 +292,30 @@ def test_existing_tag_is_not_overwritten(single_rank_group, tmp_path):
     assert (tmp_path / "ckpt" / "t" / "manifest.json").exists()
 
 
+def test_an_existing_tag_fails_an_async_save_at_once_on_every_rank(single_rank_group, tmp_path):
+    _, opt = _train_and_save(tmp_path, tag="t")
+    with pytest.raises(RuntimeError, match="already exists"):
+        opt.save_checkpoint(tmp_path / "ckpt", tag="t", async_save=True)     # now, not at the next call
+    opt.wait_for_checkpoint()                                               # nothing pending
+
+
+def test_a_checkpoint_newer_than_latest_is_set_aside_when_its_tag_is_saved_again(single_rank_group, tmp_path):
+    """A job killed between renaming global_step3 into place and updating `latest` restarts from global_step2,
+    redoes step 3 and saves global_step3 again: the orphan is moved aside, with a warning, not a failure."""
+    model, opt = _train_and_save(tmp_path)                              # global_step2
+    root = tmp_path / "ckpt"
+    first = (root / "latest").read_text()
+    opt.backward(model(torch.randn(4, 8)).square().mean()); opt.step(); opt.zero_grad()
+    second = opt.save_checkpoint(root).name                             # global_step3
+    (root / "latest").write_text(first)                                 # as if the job died before `latest`
+    with pytest.warns(RuntimeWarning, match="newer than the one `latest` names"):
+        opt.save_checkpoint(root)                                       # global_step3 again
+    assert (root / "latest").read_text() == second and (root / second / "manifest.json").exists()
+    assert len([p for p in root.iterdir() if p.name.startswith(f".{second}.orphaned-")]) == 1
+    with pytest.raises(RuntimeError, match="already exists"):            # the tag `latest` names is still kept
+        opt.save_checkpoint(root)
+
+
 KILLED_SAVE = textwrap.dedent('''
     import os, signal, sys, torch, torch.distributed as dist
     from zerocore.zero import ZeroOptimizer, checkpoint

@@ -40,3 +40,13 @@ def test_checkpoints_are_written_once_per_shard_and_load_at_another_layout(scena
 def test_a_group_size_that_does_not_divide_the_ranks_is_named(scenario_results):
     for v in _values(scenario_results, "bad_group_size_is_named"):
         assert "shard_group_size=3 must divide the number of ranks (4)" in v["message"], v
+
+
+def test_ranks_asking_for_different_group_sizes_are_refused_on_every_rank(scenario_results):
+    for v in _values(scenario_results, "mismatched_group_size_is_named"):
+        assert "different shard_group_size values" in v["message"] and "[2, 2, None, None]" in v["message"], v
+
+
+def test_a_failed_construction_destroys_its_groups(scenario_results):
+    for v in _values(scenario_results, "failed_construction_leaves_no_group"):
+        assert v["after"] == v["before"], v

@@ -62,6 +62,8 @@ def test_a_model_run_by_ddp_is_refused_before_gradients_go_wrong(single_rank_gro
     try:
         with pytest.raises(RuntimeError, match="runs inside DistributedDataParallel.*ZeroTrainer"):
             DDP(model)(torch.randn(3, 4))
+        with pytest.raises(RuntimeError, match="runs inside DistributedDataParallel"):
+            DDP(torch.nn.Sequential(model))(torch.randn(3, 4))        # wrapped once more, then given to DDP
         opt.backward(model(torch.randn(3, 4)).sum())         # the model itself still trains
         opt.step()
         assert opt.global_steps == 1

@@ -133,6 +133,29 @@ def bad_group_size_is_named(rank, world):
     raise AssertionError("shard_group_size=3 on 4 ranks was accepted")
 
 
+def mismatched_group_size_is_named(rank, world):
+    """Ranks asking for different shard_group_size values are refused on every rank (not a hang in new_group)."""
+    try:
+        ZeroOptimizer(Z.mlp(), stage=2, shard_group_size=K if rank < 2 else None, comm_timeout_s=60)
+    except ValueError as e:
+        return {"message": str(e)}
+    raise AssertionError("different shard_group_size values were accepted")
+
+
+def failed_construction_leaves_no_group(rank, world):
+    """A construction that fails after the shard groups were made destroys them again."""
+    from torch.distributed.distributed_c10d import _world
+    before = len(_world.pg_map)
+    model = Z.mlp()
+    try:
+        ZeroOptimizer(model, stage=2, shard_group_size=K, param_groups=[{"params": [], "momentum": 0.9}])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a bad param group was accepted")
+    return {"before": before, "after": len(_world.pg_map)}
+
+
 SCENARIOS = ["mlp_k2_s1", "mlp_k2_s2", "gpt_ga_clip_k2_s2", "mlp_scatter_gather_k2_s2", "mlp_k2_s3", "gpt_k2_s3",
              "accounting_k2_s2", "accounting_k2_s3", "checkpoint_k2_loads_without_shard_groups",
-             "bad_group_size_is_named"]
+             "bad_group_size_is_named", "mismatched_group_size_is_named", "failed_construction_leaves_no_group"]

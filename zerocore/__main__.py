@@ -43,6 +43,8 @@ def main(argv=None) -> int:
                      "(bf16/fp16 keep fp32 masters; default fp32)")
     est.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the model trains "
                      "(default cuda)")
+    est.add_argument("--shard-group-size", type=int, help="shard within groups of this many ranks and replicate "
+                     "across them (memory as for that many ranks)")
     est.add_argument("--largest-layer", type=float, help="with --params: elements of the largest layer "
                      "(stage 3's working set; default: prefetch_bucket_size)")
     demo = commands.add_parser(

@@ -358,8 +358,11 @@ def estimate_memory(model_or_num_params: Union[torch.nn.Module, int, float], wor
                              "ZeroOptimizer requires)")
         configs.append((s, cfg))
     base = configs[0][1]
-    layouts = _exact_layouts(model, world_size, base) if exact else \
-        _formula_layouts(float(psi), world_size, base, largest_layer)
+    # With shard groups a unit is cut in shard_group_size pieces, not world_size ([Note: shard groups]).
+    k = base.shard_group_size or world_size
+    if world_size % k:
+        raise ValueError(f"shard_group_size={k} must divide world_size={world_size}")
+    layouts = _exact_layouts(model, k, base) if exact else _formula_layouts(float(psi), k, base, largest_layer)
     rows = [_row(layouts["3" if s == 3 else "12"], cfg, s, device, frozen_bytes) for s, cfg in configs]
     notes = []
     if any(r["stage"] == 3 for r in rows):
@@ -415,7 +418,8 @@ def main(args) -> int:
             what = int(args.params)
         est = estimate_memory(what, args.world_size, stage=args.stage, offload_optimizer=args.offload_optimizer,
                               offload_param=args.offload_param, dtype=dtype, device=args.device,
-                              largest_layer=args.largest_layer if not args.model else None)
+                              largest_layer=args.largest_layer if not args.model else None,
+                              **({"shard_group_size": args.shard_group_size} if args.shard_group_size else {}))
     except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:
         print(f"python -m zerocore estimate: error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,17 +152,18 @@ def save(opt, ckpt_dir, tag: Optional[str] = None, client_state=None, lr_schedul
     # With shard groups the replicas hold the same shards: the first shard group writes them, one file per
     # shard ([Note: shard groups] in collectives.py).
     comm = opt.comm
-    if async_save and pending.error is None and _writes(opt):
-        pending.thread = threading.Thread(target=_write, args=(comm.shard_rank, comm.shard_size, pending),
-                                          name=f"zerocore-save-{pending.tag}", daemon=True)
-        pending.thread.start()
-        opt._pending_save = pending
+    if async_save:
+        # A save that cannot start on some rank (the tag exists, a copy failed) fails now, on every rank.
+        if any(comm.all_gather_object(pending.error, "whether every rank could start the checkpoint")):
+            return _commit(opt, pending)
+        if _writes(opt):
+            pending.thread = threading.Thread(target=_write, args=(comm.shard_rank, comm.shard_size, pending),
+                                              name=f"zerocore-save-{pending.tag}", daemon=True)
+            pending.thread.start()
+        opt._pending_save = pending       # the commit is every rank's, at the next call ([Note: async save])
         return pending.final
     if pending.error is None and _writes(opt):
         _write(comm.shard_rank, comm.shard_size, pending)
-    if async_save:
-        opt._pending_save = pending      # (nothing to write here: the commit is still every rank's)
-        return pending.final
     return _commit(opt, pending)
 
 
@@ -182,10 +184,34 @@ def finish_pending(opt) -> None:
     _commit(opt, pending, background=True)
 
 
+def _set_aside_orphan(root: Path, tag: str) -> None:
+    """A job that died between renaming a checkpoint into place and updating `latest` leaves that checkpoint
+    newer than `latest`; a restart resumes from `latest`, redoes those steps and saves the same tag again.
+    Such a folder (its step beyond latest's) is renamed `.<tag>.orphaned-<time>`, with a warning, instead of
+    failing every restart; any other existing tag still refuses to be overwritten."""
+    folder = root / tag
+    try:
+        if not folder.is_dir() or not (root / LATEST).exists() or latest_tag(root) == tag:
+            return
+        mine = json.loads((folder / MANIFEST).read_text())["global_steps"]
+        latest = json.loads((root / latest_tag(root) / MANIFEST).read_text())["global_steps"]
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return                            # not clearly an orphan: the usual refusal follows
+    if mine > latest:
+        aside = root / f".{tag}.orphaned-{int(time.time())}"
+        os.rename(folder, aside)
+        import warnings
+        warnings.warn(f"zerocore: checkpoint {folder} (step {mine}) is newer than the one `latest` names (step "
+                      f"{latest}): the job that wrote it stopped before updating `latest`. It was moved to "
+                      f"{aside} so this save can go on.", RuntimeWarning)
+
+
 def _start(opt, ckpt_dir, tag, client_state, lr_scheduler) -> PendingSave:
     root = Path(ckpt_dir)
     tag = tag if tag is not None else f"global_step{opt.global_steps}"
     comm = opt.comm
+    if opt.rank == 0:
+        _set_aside_orphan(root, tag)      # before the exchange below: the others look for the folder after it
     # Every rank must save the same tag into the same staging folder (rank 0 names it). The tag is checked
     # after this exchange, on every rank alike, so a bad one raises everywhere instead of on one rank.
     plan = comm.all_gather_object({"tag": tag, "uid": secrets.token_hex(6)}, "the checkpoint tag of every rank")

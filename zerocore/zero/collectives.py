@@ -60,6 +60,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .liveness import DEAD_AFTER_S, WAIT_SLICE_S, Liveness, StoreGone
+
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -77,6 +79,8 @@ SETTLE_IDLE_S = 1.0
 # What settle() could not see released outlives the engine: dropped with it, a tensor the backend still held
 # would hand its Python object to a worker thread that may only get to it during finalization.
 _UNSETTLED: List[tuple] = []
+# Whether any engine of this process saw a collective fail (the exit hook then leaves the group alone).
+_ANY_FAILED = False
 
 
 class CollectiveError(RuntimeError):
@@ -134,15 +138,31 @@ class Pending:
     def wait(self) -> Optional[torch.Tensor]:
         started = time.monotonic()
         while self.works:
+            # In slices while the ranks' heartbeats are watched ([Note: liveness]), else in one wait.
+            watch = self.comm.liveness is not None
+            left = self.comm.timeout_s - (time.monotonic() - started)
             try:
-                self.works[0].wait(timeout=datetime.timedelta(seconds=self.comm.timeout_s))
+                if left <= 0:
+                    raise RuntimeError("timed out (the engine's comm_timeout_s)")
+                # (never a zero timedelta: gloo takes a zero timeout for none at all)
+                wait_s = max(min(WAIT_SLICE_S, left) if watch else left, 0.01)
+                self.works[0].wait(timeout=datetime.timedelta(seconds=wait_s))
             except RuntimeError as e:
-                raise self.comm.explain_failure(self.what, e, time.monotonic() - started) from e
+                elapsed = time.monotonic() - started
+                if watch and _is_timeout(e) and elapsed < self.comm.timeout_s:
+                    self.comm.check_peers_alive(self.what, elapsed)
+                    continue                  # every rank is alive: the collective is just slow so far
+                raise self.comm.explain_failure(self.what, e, elapsed) from e
             self.works.pop(0)
         self.comm.waited[self.kind] += time.monotonic() - started
         self.comm.retire(self.tensors)
         self.tensors = []
         return self.result
+
+
+def _is_timeout(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
 
 
 class Chained:
@@ -157,6 +177,8 @@ class Chained:
     def _advance(self) -> None:
         if self.second is None:
             self.second = self.then(self.first.wait())
+
+    wait_first = _advance
 
     def is_completed(self) -> bool:
         if self.second is None:
@@ -192,7 +214,8 @@ class Collectives:
         self.backend = dist.get_backend(self.group)
         self.strategy = strategy or default_strategy(self.backend)
         self.timeout_s = timeout_s
-        self._make_shard_groups(shard_group_size or self.world_size)
+        self.liveness: Optional[Liveness] = None          # start_liveness(), once the engine has its uid
+        self.failed: Optional[CollectiveError] = None     # the first failure this engine raised
         # Seconds spent blocked in wait() by kind of collective (the step-time breakdown of stats.py).
         self.waited = {"reduction": 0.0, "gather": 0.0, "other": 0.0}
         self.closed = False
@@ -201,14 +224,57 @@ class Collectives:
         self._timeouts = 0
         self._releasing: List[tuple] = []  # (tensor, use count before launch, launch) the backend may hold
         self._launches = 0
+        self._own_groups: list = []
+        self._make_shard_groups(shard_group_size or self.world_size)
+
+    def start_liveness(self) -> None:
+        """Start this rank's heartbeat and watch the others' while waiting ([Note: liveness]); on gloo, with
+        more than one rank (NCCL's own watchdog covers its collectives)."""
+        if self.world_size > 1 and self.backend == "gloo" and self.liveness is None:
+            try:
+                self.liveness = Liveness(self._store(), self.uid, self.rank, self.world_size)
+            except (RuntimeError, OSError):      # no usable store: waits are not watched (as before)
+                self.liveness = None
+
+    def check_peers_alive(self, what: str, elapsed_s: float) -> None:
+        """Between the slices of a wait: raise PeerFailure naming the ranks whose heartbeat stopped."""
+        try:
+            dead = self.liveness.published_dead() or self.liveness.dead()
+        except StoreGone:
+            raise self._fail(PeerFailure(
+                f"zerocore: {what} has waited {elapsed_s:.3g} s and the rendezvous store cannot be reached, so "
+                f"the rank that hosts it (rank 0 under init_method tcp://, or torchrun's agent) is gone. Fix the "
+                "failing rank and restart the job.", None)) from None
+        if dead:
+            self.liveness.publish_dead(dead)
+            raise self._fail(PeerFailure(
+                f"zerocore: {what} has waited {elapsed_s:.3g} s and rank{'s' if len(dead) > 1 else ''} "
+                f"{', '.join(map(str, dead))} of {self.world_size} stopped beating ({DEAD_AFTER_S:g} s without a "
+                "heartbeat): exited, crashed or was killed (see its log). Fix the failing rank and restart the "
+                "job.", dead))
+
+    def _fail(self, error: CollectiveError) -> CollectiveError:
+        """Remember this engine's first failure (close() and the exit hook wait for nothing after it)."""
+        global _ANY_FAILED
+        if self.failed is None:
+            self.failed = error
+        _ANY_FAILED = True
+        return error
 
     def _make_shard_groups(self, k: int) -> None:
         """This rank's shard group and replica group ([Note: shard groups]); every rank creates every group,
-        in the same order, as torch.distributed.new_group requires."""
+        in the same order, as torch.distributed.new_group requires. The ranks first agree on k: a rank that
+        asked for another one would otherwise create different groups and hang in new_group."""
         n = self.world_size
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or n % k:
             raise ValueError(f"shard_group_size={k!r} must divide the number of ranks ({n}): e.g. the GPUs of one "
                              f"node, {', '.join(str(d) for d in range(1, n + 1) if n % d == 0)}")
+        if n > 1:
+            sizes = self.all_gather_object(k, "the cross-rank check of shard_group_size")
+            if len(set(sizes)) > 1:
+                raise ValueError(f"zerocore: the ranks asked for different shard_group_size values (per rank, None "
+                                 f"= all ranks: {[s if s != n else None for s in sizes]}): pass the same to "
+                                 "every rank")
         self.shard_size, self.shard_rank, self.replicas = k, self.rank % k, n // k
         self.replica_index = self.rank // k            # which shard group this rank is in
         self.shard_group, self.replica_group, self._own_groups = self.group, None, []
@@ -264,12 +330,18 @@ class Collectives:
                                            f"{what}, this rank's shard across the replicas")
             second.kind = "reduction"
             return second
-        return Chained(first, across_replicas)
+        chained = Chained(first, across_replicas)
+        if self.backend == "nccl":
+            # NCCL wants the collectives of its communicators issued in one order on every rank: launch the
+            # second now (waiting on the first only orders the streams), not whenever a poll sees the first done.
+            chained.wait_first()
+        return chained
 
-    def all_reduce(self, t: torch.Tensor, what: str) -> Pending:
-        """Start summing `t` over every rank in place (a gradient reduction); wait() gives `t`."""
+    def all_reduce(self, t: torch.Tensor, what: str, kind: str = "reduction") -> Pending:
+        """Start summing `t` over every rank in place (by default a gradient reduction: `kind` says where
+        `waited` counts its wait); wait() gives `t`."""
         pending = self._all_reduce_over(self.group, self.world_size, t, what)
-        pending.kind = "reduction"
+        pending.kind = kind
         return pending
 
     def _all_reduce_over(self, group, size: int, t: torch.Tensor, what: str) -> Pending:
@@ -380,6 +452,9 @@ class Collectives:
     # ------------------------------------------------------------------------------------------ failures
     def explain_failure(self, what: str, error: RuntimeError, elapsed_s: float) -> CollectiveError:
         """The error to raise for a collective that failed after `elapsed_s` seconds."""
+        return self._fail(self._explain(what, error, elapsed_s))
+
+    def _explain(self, what: str, error: RuntimeError, elapsed_s: float) -> CollectiveError:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if elapsed_s >= 0.95 * self.timeout_s or "timed out" in text.lower() or "timeout" in text.lower():
             return CollectiveTimeout(
@@ -436,7 +511,16 @@ class Collectives:
             dist.distributed_c10d._get_default_store()
 
     def _unresponsive_ranks(self) -> Optional[List[int]]:
-        """Ranks that do not check in through the store within PEER_POLL_S ([Note: peer failure])."""
+        """Ranks that are gone ([Note: peer failure]): whose heartbeat does not move within PEER_POLL_S
+        ([Note: liveness]), or without heartbeats, that do not check in through the store within it."""
+        if self.liveness is not None:
+            try:
+                dead = self.liveness.published_dead() or self.liveness.quiet(PEER_POLL_S)
+            except StoreGone:
+                return None
+            if dead:
+                self.liveness.publish_dead(dead)
+            return dead
         self._incidents += 1
         prefix = f"zerocore/{self.uid}/incident{self._incidents}/"
         try:
@@ -468,12 +552,17 @@ class Collectives:
                 pass
         self._own_groups = []
         self.group = self.shard_group = self.replica_group = None
+        if self.liveness is not None:
+            self.liveness.stop()
+            self.liveness = None
         self.closed = True
         _UNSETTLED.extend(self._releasing)
         self._releasing = []
 
     def __del__(self):
         try:
+            if self.liveness is not None:
+                self.liveness.stop()
             _UNSETTLED.extend(self._releasing)     # an engine dropped without close() (see _UNSETTLED)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
@@ -482,7 +571,10 @@ class Collectives:
 def _destroy_default_group_at_exit() -> None:
     """Runs after every optimizer's exit hook ([Note: exit]): a script that never called
     destroy_process_group() gets it here, while the interpreter still runs, so the backend's worker threads are
-    joined (with the GIL released) before finalization instead of meeting it."""
+    joined (with the GIL released) before finalization instead of meeting it. Not after a collective failed:
+    destroying a gloo group with an operation still pending blocks until gloo's own timeout."""
+    if _ANY_FAILED:
+        return
     try:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -150,11 +150,21 @@ class FullParameters:
         off, n = self.store.offsets[u.index], u.shard_numel
         flat = torch.empty(u.padded_numel, dtype=torch.float32, device=u.flat.device)
         own = u.shard_of(flat)
-        with self.store.read(self.store.windows_meeting([(off, off + n)])) as windows:
-            for w in windows:
-                cut = w.clip(off, off + n)
-                if cut is not None:
-                    own[cut[0] - off:cut[1] - off].copy_(w.master[cut[0] - w.start:cut[1] - w.start])
+        problem = None
+        try:
+            with self.store.read(self.store.windows_meeting([(off, off + n)])) as windows:
+                for w in windows:
+                    cut = w.clip(off, off + n)
+                    if cut is not None:
+                        own[cut[0] - off:cut[1] - off].copy_(w.master[cut[0] - w.start:cut[1] - w.start])
+        except Exception as e:  # noqa: BLE001 - e.g. an NVMe read: every rank must hear of it before the gather
+            problem = e
+        flags = self.comm.all_gather_rows(torch.tensor([float(problem is not None)], device=self.comm.device),
+                                          f"whether every rank read unit {u.index}'s fp32 masters")
+        if flags.any():
+            bad = [r for r, f in enumerate(flags[:, 0].tolist()) if f]
+            raise RuntimeError(f"zerocore: full_state_dict: rank(s) {bad} could not read the fp32 masters of unit "
+                               f"{u.index}{f' ({problem})' if problem is not None else ''}") from problem
         self.comm.gather(flat, n, f"unit {u.index} fp32 masters ({u.numel} elements)").wait()
         return flat
 

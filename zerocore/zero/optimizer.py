@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import secrets
 import time
 import weakref
@@ -57,6 +58,8 @@ _LOCAL_OPTIONS = ("comm_timeout_s", "host_block_cache", "nvme_path", "buffer_cou
 # How long the exit hook waits for collectives still in flight (the gathers of the last step) before it lets
 # the interpreter finalize; a peer that is gone fails them at once.
 EXIT_WAIT_S = 60.0
+# After a failure rank 0 (the store's host without an agent) waits this long before it exits.
+STORE_LINGER_S = 5.0
 
 
 def _read_config(config, options: dict, model, world_size: int):
@@ -135,8 +138,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.config, self.model = cfg, model
         self.comm = Collectives(process_group, cfg.comm_timeout_s, cfg.collective_strategy, cfg.shard_group_size)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self._fixed_hooks = []
+        try:
+            self._build(model, named_all=list(model.named_parameters()), param_groups=param_groups)
+        except BaseException:
+            self._release()                    # a half-built optimizer leaves no hook, group, files or cache share
+            raise
+        self._constructed = True
+        self._closed = False
+        _OPEN.add(self)
 
-        named_all = list(model.named_parameters())
+    def _build(self, model, named_all, param_groups) -> None:
+        """Every part, in order: the ranks' agreement, units, state store, shards, then the training parts."""
+        cfg = self.config
         trainable = [(n, p) for n, p in named_all if p.requires_grad]
         if not trainable:
             raise ValueError("ZeroOptimizer: the model has no parameter with requires_grad=True")
@@ -157,24 +171,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.store = make_store(self.units, self.comm, cfg, device=self.device, compute_dtype=self.compute_dtype,
                                 reduce_dtype=self.reduce_dtype)
         self.shard_offsets = self.store.offsets
-        self._fixed_hooks = []
-        try:
-            self.residency = self._make_residency() if cfg.stage == 3 else None
-            # From here on the engine's and autograd's large host tensors come from the block cache
-            # (host_memory.py): the unit buffers made below, and the full values a ZeroInit model's units are
-            # rebuilt into one at a time, which glibc's heap would keep as holes (~0.7 GB per rank for a
-            # 380M-param bf16 model).
-            self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
-            self._materialize(named_all)
-            if self._uses_host_cache:
-                host_memory.trim()             # construction's temporaries are gone: do not keep their blocks
-            self._wire(model, trainable, groups)
-        except BaseException:
-            self._release()                    # a half-built optimizer leaves no hook, files or cache share
-            raise
-        self._constructed = True
-        self._closed = False
-        _OPEN.add(self)
+        self.residency = self._make_residency() if cfg.stage == 3 else None
+        # From here on the engine's and autograd's large host tensors come from the block cache (host_memory.py):
+        # the unit buffers made below, and the full values a ZeroInit model's units are rebuilt into one at a
+        # time, which glibc's heap would keep as holes (~0.7 GB per rank for a 380M-param bf16 model).
+        self._uses_host_cache = cfg.host_block_cache and self.device.type == "cpu" and host_memory.acquire()
+        self._materialize(named_all)
+        if self._uses_host_cache:
+            host_memory.trim()                 # construction's temporaries are gone: do not keep their blocks
+        self._wire(model, trainable, groups)
 
     # ---------------------------------------------------------------------------------------- construction
     def _check_peers(self, named_all, trainable, groups, group_of) -> None:
@@ -191,6 +196,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         description["uid"] = secrets.token_hex(8)
         everyone = check_ranks_agree(description, self.comm)
         self.comm.uid = everyone[0]["uid"]      # names this engine's keys in the store (collectives.py)
+        self.comm.start_liveness()
 
     def _choose_dtypes(self, trainable) -> None:
         cfg = self.config
@@ -289,7 +295,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.full_params = FullParameters(model, self.units, self.comm, self.store, self.schedule, self.residency)
         self._bindings = Bindings(model, self.units, self.store, self.reducer, self.wait_for_params,
                                   self.residency.expected_data_ptr if self.residency is not None else None)
-        self.training_stats = TrainingStats(self.comm, self.device, cfg.log_interval, self.memory_report)
+        self.training_stats = TrainingStats(self.comm, self.device, cfg.log_interval,
+                                            lambda: self._memory_report(wait=False))
         self._fixed_hooks = [
             model.register_forward_pre_hook(lambda *a: self._before_forward(), prepend=True),
             model.register_forward_pre_hook(lambda m, args: self.training_stats.count_forward(args)),
@@ -352,7 +359,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             return run_eagerly(self._before_forward, True)
         ddp = DistributedDataParallel._get_active_ddp_module()
-        if ddp is not None and ddp.module is self.model:
+        if ddp is not None and any(m is self.model for m in ddp.module.modules()):
             raise RuntimeError(
                 "zerocore: the model given to ZeroOptimizer runs inside DistributedDataParallel (wrapped by you, or "
                 "by transformers' Trainer / accelerate): ZeroOptimizer is the data parallelism, so DDP would "
@@ -420,6 +427,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._uses_host_cache:
             host_memory.end_step()
         started = time.perf_counter()
+        self.training_stats.step_started()
         if self.stepper.run() and self.lr_scheduler is not None:
             self.lr_scheduler.step()      # not after a skipped (overflow) step, as DeepSpeed
         self.training_stats.step_done(time.perf_counter() - started, global_steps=self.global_steps,
@@ -461,6 +469,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _finish(self, raise_errors: bool) -> None:
         """Wait for in-flight collectives and for the backend to let go of their tensors ([Note: exit] in
         collectives.py), then release everything; errors are raised (close()) or reported (exit hook)."""
+        if self.comm.failed is not None:      # the job is already failing: wait for nothing (it would fail again)
+            if self.rank == 0 and "TORCHELASTIC_RUN_ID" not in os.environ:
+                # Without torchrun's agent the rendezvous store lives in this process: keep it up a moment so
+                # the other ranks can read which rank failed ([Note: liveness] in liveness.py).
+                time.sleep(STORE_LINGER_S)
+            self._release()
+            return
         if not raise_errors:
             self.comm.timeout_s = min(self.comm.timeout_s, EXIT_WAIT_S)
         try:
@@ -501,9 +516,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if hasattr(self, "schedule"):
             self.schedule.remove_hooks()
             self.schedule.pending.clear()
-        if getattr(self, "_constructed", False):
-            self.comm.close()
-        self.store.close()
+        self.comm.close()
+        if hasattr(self, "store"):
+            self.store.close()
         self._leave_host_cache()
         self._closed = True
 
@@ -606,7 +621,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def memory_report(self) -> dict:
         """Bytes this rank holds in parameters, gradients, fp32 masters, Adam state and pooled buckets,
         measured from the live tensors, beside the ZeRO formula for this stage and precision."""
-        self.wait_for_params()
+        return self._memory_report(wait=True)
+
+    def _memory_report(self, wait: bool) -> dict:
+        if wait:                                # (the training log reads sizes only: it need not wait)
+            self.wait_for_params()
         return memory_report(self.units, self.store, self.reducer, stage=self.config.stage, mixed=self.mixed,
                              offload=self.offload, psi=self.psi, world_size=self.world_size,
                              shard_group_size=self.comm.shard_size,

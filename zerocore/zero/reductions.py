@@ -8,7 +8,7 @@ collective(s), and once they complete leaves the unit's reduced shard where the 
   InPlace          stage 1, reduce dtype = gradient dtype: parameters' .grad are views of one persistent
                    flat buffer per unit, so autograd accumulates in place across micro-steps; at the
                    accumulation boundary the flat buffer is reduced in place (no bucket). The shard is this
-                   rank's slice of it; the step divides by N.
+                   rank's slice of it; the step divides by N (fp16: the buffer is divided by N first).
   PackAtBoundary   stage 1 otherwise (a dtype change, or a GPU model whose shards live on the host): .grad
                    accumulates as autograd makes it; at the boundary the gradients are packed into a bucket
                    (cast, pre-divided by N) and reduce-scattered into the shard store.
@@ -24,7 +24,7 @@ collective(s), and once they complete leaves the unit's reduced shard where the 
 
 A strategy that `reduces_every_pass` writes the store each backward (first pass: copy, later: add); one that
 does not reduces once per accumulation window. Gradients are `prescaled` (divided by N before summing, which
-keeps fp16 sums in range) by every strategy but InPlace. choose() picks the strategy of every unit (one instance
+keeps fp16 sums in range) by every strategy but InPlace, which does so for fp16 only. choose() picks the strategy of every unit (one instance
 per kind serves all of its units, keyed by unit index); the stage only enters there.
 """
 from __future__ import annotations
@@ -145,6 +145,8 @@ class InPlace(Reduction):
     prescaled = False
 
     def __init__(self, *args, grad_dtype: torch.dtype):
+        # fp16 sums of N ranks' loss-scaled gradients overflow where their mean would not: divide first.
+        self.prescaled = grad_dtype == torch.float16
         super().__init__(*args)
         self.grad_flats = [torch.zeros(u.padded_numel, dtype=grad_dtype, device=u.flat.device) for u in self.units]
         self.grad_views: List[List[torch.Tensor]] = [[] for _ in self.units]
@@ -167,6 +169,8 @@ class InPlace(Reduction):
 
     def launch(self, u, missing, first) -> list:
         unit, flat = self.units[u], self.grad_flats[u]    # a missing gradient is already zeros in the buffer
+        if self.prescaled:
+            flat.mul_(self.pack_scale)
         return [self.comm.reduce(flat, unit.shard_numel, f"unit {u} gradients ({unit.numel} elements, {flat.dtype})")]
 
     def finalize(self, u, results, first) -> None:

@@ -9,9 +9,11 @@ updates into: reduction wait (blocked on gradient reductions), gather wait (bloc
 step (step() itself: the agreement, Adam, starting the gathers) and forward+backward (the rest: the model's
 compute, and the data loading and anything else the loop does). Samples are counted from the batch dimension of
 the first tensor argument of every forward of the model under autograd (training forwards, not evaluation).
+Waits inside step() count as step time. Memory is read without waiting for the gathers in flight.
 `opt.stats()` returns the same figures for this rank alone, with no communication, for users' own loggers.
-If logging is not configured when the first line is due (no handler on "zerocore" nor on the root logger),
-"zerocore" gets a stderr handler at INFO, as DeepSpeed's logger has one: a log_interval is a request to see it.
+When the first line is due, "zerocore" is set to INFO unless its level was set, and if logging is not
+configured at all (no handler on "zerocore" nor on the root logger) it gets a stderr handler, as DeepSpeed's
+logger has one: a log_interval is a request to see the lines.
 """
 from __future__ import annotations
 
@@ -65,11 +67,16 @@ class TrainingStats:
             if first is not None and first.dim() > 0:
                 self.samples += int(first.shape[0])
 
+    def step_started(self) -> None:
+        """step() begins its update: waits from here on are part of the step, not of the waits before it."""
+        self._in_step = dict(self.comm.waited)
+
     def step_done(self, step_only_s: float, *, global_steps: int, loss_scale: float,
                   grad_norm: Optional[float]) -> None:
         """An optimizer step (updated or skipped) ended; log if this is a log step (every rank calls it)."""
         now = time.perf_counter()
-        waited = {k: self.comm.waited[k] - self._waited[k] for k in ("reduction", "gather")}
+        before = getattr(self, "_in_step", self.comm.waited)
+        waited = {k: before[k] - self._waited[k] for k in ("reduction", "gather")}
         self._waited = dict(self.comm.waited)
         step_s = now - self.window_start
         self.window_start = now
@@ -153,6 +160,8 @@ def format_line(r: dict) -> str:
 
 
 def _ensure_visible() -> None:
+    if LOG.level == logging.NOTSET:       # (a root logger at WARNING, as basicConfig() leaves it, would drop INFO)
+        LOG.setLevel(logging.INFO)
     if not LOG.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -98,8 +98,11 @@ def adam_update(units: List[Unit], store: StateStore, param_groups: List[dict], 
                              mixed=mixed)
             return
         (w,) = list(windows) or [None]
+        by_unit = defaultdict(list)
+        for k, run in enumerate(runs):
+            by_unit[run[0].index].append(k)
         for i in unit_order:
-            mine = [k for k, run in enumerate(runs) if run[0].index == i]
+            mine = by_unit.get(i)
             if mine and w is not None:
                 _adam_window(w, [runs[k] for k in mine], [spans[k] for k in mine], store, param_groups, shards,
                              scale_t, found_inf, adamw=adamw, mixed=mixed)

@@ -281,7 +281,8 @@ class NVMeStateStore(StateStore):
         if agree and self.comm.world_size > 1:
             flags = torch.zeros(self.comm.world_size, dtype=torch.float32, device=self.comm.device)
             flags[self.comm.rank] = float(failed)
-            self.comm.all_reduce(flags, "the NVMe optimizer state commit (did every rank write its state?)").wait()
+            self.comm.all_reduce(flags, "the NVMe optimizer state commit (did every rank write its state?)",
+                                 kind="other").wait()
             bad = [r for r, f in enumerate(flags.cpu().tolist()) if f]
         else:
             bad = [self.comm.rank] if failed else []
